@@ -1,0 +1,557 @@
+"""Shared pieces of the Expert+Residual PPO scripts.
+
+Data path: backend -> ExpertResidualWrapper -> training script.
+
+- A *backend* is a batched ManiSkill env with ManiSkillVectorEnv's interface and semantics
+  (torch tensors in and out, same-step autoreset with ``final_observation`` / ``final_info`` /
+  ``_final_info``, episode metrics under ``info["episode"]``). Two backends exist:
+  ``GpuVectorEnv`` (ManiSkill's own ``physx_cuda`` vectorization) and ``CpuVectorEnv``
+  (worker processes, each stepping several ``physx_cpu`` envs in turn, sharing memory with us).
+  Backends always return the *structured* observation (``state_dict``), which experts read.
+- ``ExpertResidualWrapper`` turns that into the policy's observation plus the expert action, and
+  turns the policy's residual into the executed action.
+"""
+
+from __future__ import annotations
+
+import difflib
+import multiprocessing as mp
+import os
+import sys
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Optional, Union
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import mani_skill.envs  # noqa: F401  (registers the ManiSkill tasks with gymnasium)
+from mani_skill.utils import common
+from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
+
+Obs = Union[torch.Tensor, dict]
+
+
+class UsageError(Exception):
+    """Bad input from the user: the scripts print the message on one line and exit with code 2."""
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a script's main function, turning a UsageError into one line on stderr and exit code 2."""
+    try:
+        main()
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation shared by every script
+# ----------------------------------------------------------------------------------------------
+def check_env_id(env_id: str) -> None:
+    if env_id not in gym.registry:
+        close = difflib.get_close_matches(env_id, list(gym.registry.keys()), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "see mani_skill.envs for the registered ids"
+        raise UsageError(f"unknown env id '{env_id}': {hint}")
+
+
+def resolve_sim_backend(sim_backend: str) -> str:
+    """Map --sim-backend auto|gpu|cpu to 'gpu' or 'cpu'."""
+    if sim_backend not in ("auto", "gpu", "cpu"):
+        raise UsageError(f"--sim-backend must be auto, gpu or cpu, not '{sim_backend}'")
+    if sim_backend == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if sim_backend == "gpu" and not torch.cuda.is_available():
+        raise UsageError("--sim-backend gpu needs a CUDA device and none was found; use --sim-backend cpu (or auto)")
+    return sim_backend
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends
+# ----------------------------------------------------------------------------------------------
+def make_env(
+    env_id: str,
+    num_envs: int,
+    sim_backend: str = "auto",
+    ignore_terminations: bool = False,
+    num_workers: Optional[int] = None,
+    **env_kwargs,
+):
+    """Build a batched ManiSkill env on the chosen backend.
+
+    ``sim_backend`` is auto|gpu|cpu as on the command line, or ``"physx_cpu"``, which runs ManiSkill's
+    own vector path (``GpuVectorEnv``) on the CPU simulator with one env: that is how the GPU code path
+    is exercised on machines without CUDA. ``env_kwargs`` go to ``gym.make`` (``obs_mode``,
+    ``control_mode``, ``max_episode_steps``, ...); ``obs_mode`` defaults to ``state_dict``.
+    """
+    check_env_id(env_id)
+    if num_envs < 1:
+        raise UsageError(f"the number of envs must be at least 1, got {num_envs}")
+    env_kwargs.setdefault("obs_mode", "state_dict")
+    env_kwargs.setdefault("render_mode", "rgb_array")
+    env_kwargs.setdefault("human_render_camera_configs", dict(width=256, height=256))
+    if sim_backend == "physx_cpu":
+        if num_envs != 1:
+            raise UsageError("ManiSkill's physx_cpu backend holds one env per process; use --sim-backend cpu")
+        return GpuVectorEnv(env_id, 1, "physx_cpu", ignore_terminations, **env_kwargs)
+    if resolve_sim_backend(sim_backend) == "gpu":
+        return GpuVectorEnv(env_id, num_envs, "physx_cuda", ignore_terminations, **env_kwargs)
+    return CpuVectorEnv(env_id, num_envs, ignore_terminations, num_workers=num_workers, **env_kwargs)
+
+
+def _max_episode_steps(env: gym.Env) -> int:
+    return int(env.get_wrapper_attr("_max_episode_steps"))
+
+
+class GpuVectorEnv(ManiSkillVectorEnv):
+    """ManiSkill's own batched simulation: ``gym.make(num_envs=N, sim_backend=...)`` + ManiSkillVectorEnv."""
+
+    def __init__(self, env_id: str, num_envs: int, sim_backend: str, ignore_terminations: bool, **env_kwargs):
+        env = gym.make(env_id, num_envs=num_envs, sim_backend=sim_backend, **env_kwargs)
+        super().__init__(env, num_envs, ignore_terminations=ignore_terminations, record_metrics=True)
+        self.max_episode_steps = _max_episode_steps(env)
+        self.control_mode = self.base_env.control_mode
+
+
+def _flatten_paths(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+    """{'a': {'b': x}} -> {('a', 'b'): x}; keeps insertion order, so the flat state stays ManiSkill's."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten_paths(value, prefix + (key,)))
+        else:
+            flat[prefix + (key,)] = value
+    return flat
+
+
+def _unflatten_paths(flat: dict[tuple, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _episode_seeds(seed: Union[int, list[int]], num_envs: int) -> list[int]:
+    """Per-env episode seeds from one seed, the way ManiSkill derives them for a batched env."""
+    if np.iterable(seed):
+        seeds = [int(s) for s in seed]
+        if len(seeds) != num_envs:
+            raise ValueError(f"got {len(seeds)} seeds for {num_envs} envs")
+        return seeds
+    rest = np.random.RandomState(seed).randint(2**31, size=num_envs - 1).tolist()
+    return [int(seed)] + rest
+
+
+class _SharedArrays:
+    """Named numpy arrays in one block of shared memory, attachable by name from another process."""
+
+    def __init__(self, layout: dict[Any, tuple[tuple, str]], name: Optional[str] = None):
+        from multiprocessing import shared_memory
+
+        self.layout = layout
+        sizes = {k: int(np.prod(shape)) * np.dtype(dtype).itemsize for k, (shape, dtype) in layout.items()}
+        total = max(1, sum(sizes.values()))
+        self.owner = name is None
+        self.shm = shared_memory.SharedMemory(name=name, create=self.owner, size=total)
+        self.arrays, offset = {}, 0
+        for key, (shape, dtype) in layout.items():
+            self.arrays[key] = np.ndarray(shape, dtype=dtype, buffer=self.shm.buf, offset=offset)
+            offset += sizes[key]
+
+    def close(self) -> None:
+        self.arrays = {}
+        self.shm.close()
+        if self.owner:
+            self.shm.unlink()
+
+
+def _to_numpy(x) -> np.ndarray:
+    return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _cpu_worker(conn: Connection, env_id: str, env_slice: tuple[int, int], ignore_terminations: bool,
+                env_kwargs: dict) -> None:
+    """Holds envs[start:stop]; steps them in turn and autoresets them, writing into shared memory."""
+    torch.set_num_threads(1)  # the worker count already matches the cores
+    start, stop = env_slice
+    envs = [gym.make(env_id, num_envs=1, sim_backend="physx_cpu", **env_kwargs) for _ in range(start, stop)]
+    try:
+        obs, info = envs[0].reset(seed=0)
+        flat_obs = _flatten_paths(obs)
+        conn.send(dict(
+            obs_layout={k: (tuple(v.shape[1:]), str(_to_numpy(v).dtype)) for k, v in flat_obs.items()},
+            single_action_space=envs[0].unwrapped.single_action_space,
+            max_episode_steps=_max_episode_steps(envs[0]),
+            control_mode=envs[0].unwrapped.control_mode,
+        ))
+        shared_name, layout = conn.recv()
+        shared = _SharedArrays(layout, name=shared_name)
+        bufs = shared.arrays
+
+        def write_obs(key: str, i: int, obs: dict) -> None:
+            for path, value in _flatten_paths(obs).items():
+                bufs[(key, path)][i] = _to_numpy(value[0])
+
+        def one_env_info(info: dict) -> dict:
+            # copies: ManiSkill may hand out views of tensors that the next reset overwrites
+            return {k: _to_numpy(v)[0].copy() for k, v in info.items() if isinstance(v, torch.Tensor)}
+
+        while True:
+            cmd, arg = conn.recv()
+            if cmd == "step":
+                infos, dones = [], []
+                for j, env in enumerate(envs):
+                    i = start + j
+                    obs, rew, term, trunc, info = env.step(bufs["action"][i])
+                    term, trunc = bool(term[0]), bool(trunc[0])
+                    bufs["reward"][i] = float(rew[0])
+                    bufs["terminated"][i] = term and not ignore_terminations
+                    bufs["truncated"][i] = trunc
+                    done = trunc or (term and not ignore_terminations)
+                    infos.append(one_env_info(info))
+                    dones.append(done)
+                    if done:
+                        write_obs("final_obs", i, obs)
+                        obs, _ = env.reset()
+                    write_obs("obs", i, obs)
+                conn.send((infos, dones))
+            elif cmd == "reset":
+                infos = []
+                for j, env in enumerate(envs):
+                    obs, info = env.reset(seed=None if arg is None else arg[j])
+                    write_obs("obs", start + j, obs)
+                    infos.append(one_env_info(info))
+                conn.send(infos)
+            elif cmd == "render":
+                conn.send([_to_numpy(env.render())[0] for env in envs])
+            elif cmd == "close":
+                break
+    except (EOFError, KeyboardInterrupt, BrokenPipeError):
+        pass  # the trainer went away: exit quietly, leaving no orphan
+    except Exception:
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except OSError:
+            pass
+    finally:
+        for env in envs:
+            env.close()
+        if "shared" in locals():
+            shared.close()
+
+
+class CpuVectorEnv:
+    """ManiSkillVectorEnv's interface and semantics over CPU worker processes.
+
+    ``physx_cpu`` allows one env per process, and one process per env wastes the machine, so each of at
+    most ``cores`` workers holds several envs and steps them in turn. Observations, actions, rewards and
+    flags travel through shared memory; the per-env info dicts (a few scalars) travel through a pipe.
+    """
+
+    def __init__(self, env_id: str, num_envs: int, ignore_terminations: bool = False,
+                 num_workers: Optional[int] = None, **env_kwargs):
+        self.num_envs = num_envs
+        self.ignore_terminations = ignore_terminations
+        self.device = torch.device("cpu")
+        num_workers = max(1, min(num_envs, num_workers or os.cpu_count() or 1))
+        bounds = np.linspace(0, num_envs, num_workers + 1).round().astype(int)
+        self.slices = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        ctx = mp.get_context("spawn")  # fork after torch/SAPIEN initialisation is not safe
+        self.conns, self.procs = [], []
+        self.shared = None
+        for env_slice in self.slices:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_cpu_worker, args=(child, env_id, env_slice, ignore_terminations, env_kwargs),
+                               daemon=True)
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        try:
+            specs = [self._recv(w) for w in range(num_workers)]
+        except Exception:
+            self.close()
+            raise
+        spec = specs[0]
+        self.single_action_space = spec["single_action_space"]
+        self.max_episode_steps = spec["max_episode_steps"]
+        self.control_mode = spec["control_mode"]
+        action_dim = int(np.prod(self.single_action_space.shape))
+        layout = {"action": ((num_envs, action_dim), "float32"), "reward": ((num_envs,), "float32"),
+                  "terminated": ((num_envs,), "bool"), "truncated": ((num_envs,), "bool")}
+        for key in ("obs", "final_obs"):
+            for path, (shape, dtype) in spec["obs_layout"].items():
+                layout[(key, path)] = ((num_envs, *shape), dtype)
+        self.shared = _SharedArrays(layout)
+        for conn in self.conns:
+            conn.send((self.shared.shm.name, layout))
+        self._obs_paths = list(spec["obs_layout"])
+        self.returns = torch.zeros(num_envs)
+        self.success_once = torch.zeros(num_envs, dtype=torch.bool)
+        self.fail_once = torch.zeros(num_envs, dtype=torch.bool)
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _recv(self, w: int):
+        conn, proc = self.conns[w], self.procs[w]
+        while not conn.poll(1.0):
+            if not proc.is_alive():
+                a, b = self.slices[w]
+                raise RuntimeError(f"CPU env worker {w} (envs {a}..{b - 1}) died with exit code {proc.exitcode}")
+        try:
+            msg = conn.recv()
+        except EOFError:
+            a, b = self.slices[w]
+            raise RuntimeError(f"CPU env worker {w} (envs {a}..{b - 1}) closed its pipe") from None
+        if isinstance(msg, tuple) and len(msg) == 2 and msg[0] == "error":
+            raise RuntimeError(f"CPU env worker {w} failed:\n{msg[1]}")
+        return msg
+
+    def _broadcast(self, cmd: str, args: Optional[list] = None) -> list:
+        for w, conn in enumerate(self.conns):
+            conn.send((cmd, None if args is None else args[w]))
+        return [self._recv(w) for w in range(len(self.conns))]
+
+    def _obs(self, key: str) -> dict:
+        return _unflatten_paths({p: torch.from_numpy(self.shared.arrays[(key, p)].copy()) for p in self._obs_paths})
+
+    @staticmethod
+    def _stack_infos(infos: list[dict]) -> dict:
+        return {k: torch.from_numpy(np.stack([info[k] for info in infos])) for k in infos[0]}
+
+    # -- the ManiSkillVectorEnv interface ------------------------------------------------------
+    def reset(self, *, seed: Union[None, int, list[int]] = None, options: Optional[dict] = None):
+        seeds = None if seed is None else _episode_seeds(seed, self.num_envs)
+        per_worker = None if seeds is None else [seeds[a:b] for a, b in self.slices]
+        infos = [i for part in self._broadcast("reset", per_worker) for i in part]
+        self.returns.zero_()
+        self.success_once.zero_()
+        self.fail_once.zero_()
+        return self._obs("obs"), self._stack_infos(infos)
+
+    def step(self, actions: torch.Tensor):
+        self.shared.arrays["action"][:] = actions.detach().to("cpu", torch.float32).reshape(self.num_envs, -1).numpy()
+        infos, dones = [], []
+        for part_infos, part_dones in self._broadcast("step"):
+            infos += part_infos
+            dones += part_dones
+        arrays = self.shared.arrays
+        rew = torch.from_numpy(arrays["reward"].copy())
+        terminations = torch.from_numpy(arrays["terminated"].copy())
+        truncations = torch.from_numpy(arrays["truncated"].copy())
+        info = self._stack_infos(infos)
+
+        # episode metrics, exactly as ManiSkillVectorEnv(record_metrics=True) computes them
+        episode = {}
+        self.returns += rew
+        if "success" in info:
+            self.success_once |= info["success"]
+            episode["success_once"] = self.success_once.clone()
+        if "fail" in info:
+            self.fail_once |= info["fail"]
+            episode["fail_once"] = self.fail_once.clone()
+        episode["return"] = self.returns.clone()
+        episode["episode_len"] = info["elapsed_steps"].clone()
+        episode["reward"] = episode["return"] / episode["episode_len"]
+        if self.ignore_terminations:
+            for key in ("success", "fail"):
+                if key in info:
+                    episode[f"{key}_at_end"] = info[key].clone()
+        info["episode"] = episode
+
+        obs = self._obs("obs")
+        done = torch.tensor(dones)
+        if done.any():
+            # the workers already reset the finished envs (same-step autoreset)
+            final_obs = self._obs("final_obs")
+            for path in self._obs_paths:  # envs that did not finish: their final obs is their obs
+                final_leaf, leaf = _get_path(final_obs, path), _get_path(obs, path)
+                final_leaf[~done] = leaf[~done]
+            self.returns[done] = 0
+            self.success_once[done] = False
+            self.fail_once[done] = False
+            info = dict(final_observation=final_obs, final_info=info, _final_info=done,
+                        _final_observation=done, _elapsed_steps=done)
+        return obs, rew, terminations, truncations, info
+
+    def render(self) -> torch.Tensor:
+        frames = [f for part in self._broadcast("render") for f in part]
+        return torch.from_numpy(np.stack(frames))
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(("close", None))
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self.conns, self.procs = [], []
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
+
+    def __del__(self):
+        if getattr(self, "procs", None):
+            self.close()
+
+
+def _get_path(tree: dict, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert + residual
+# ----------------------------------------------------------------------------------------------
+def flat_state(obs: dict) -> torch.Tensor:
+    """The policy observation for state scripts: ManiSkill's ``state`` obs, i.e. the flattened ``state_dict``."""
+    return common.flatten_state_dict(obs, use_torch=True)
+
+
+class ExpertResidualWrapper:
+    """Executes ``clip(expert + residual_scale * residual)`` and shows the policy ``[obs, expert_action]``.
+
+    The expert is called once per step, on the structured observation the env returned, and the
+    expert action appended to the policy observation is exactly the one executed on the next step.
+    When episodes end, it is also called on ``final_observation`` so the critic can bootstrap from it.
+    PPO keeps the unclipped residual it sampled; only the action sent to the env is clipped.
+
+    Build it from a backend (``env=make_env(...)``) or from ``env_id`` plus ``make_env`` keyword args.
+    ``expert_policy_fn`` is any callable: structured observation -> [num_envs, action_dim] tensor.
+    """
+
+    def __init__(
+        self,
+        env=None,
+        expert_policy_fn: Optional[Callable[[dict], torch.Tensor]] = None,
+        residual_scale: float = 1.0,
+        clip_final_action: bool = True,
+        expert_action_noise: float = 0.0,
+        track_action_stats: bool = True,
+        policy_obs_fn: Callable[[dict], Obs] = flat_state,
+        env_id: Optional[str] = None,
+        num_envs: int = 1,
+        **env_kwargs,
+    ):
+        if residual_scale < 0:
+            raise UsageError(f"the residual scale must be >= 0, got {residual_scale}")
+        if env is None:
+            if env_id is None:
+                raise ValueError("give either env or env_id")
+            env = make_env(env_id, num_envs, **env_kwargs)
+        self.env = env
+        self.num_envs = env.num_envs
+        self.device = torch.device(env.device)
+        self.single_action_space = env.single_action_space
+        self.max_episode_steps = env.max_episode_steps
+        self.control_mode = env.control_mode
+        self.action_dim = int(np.prod(self.single_action_space.shape))
+        self.low = torch.as_tensor(self.single_action_space.low, device=self.device, dtype=torch.float32)
+        self.high = torch.as_tensor(self.single_action_space.high, device=self.device, dtype=torch.float32)
+        if expert_policy_fn is None:
+            from experts import ZeroExpert
+
+            expert_policy_fn = ZeroExpert(self.action_dim)
+        self.expert = expert_policy_fn
+        self.residual_scale = residual_scale
+        self.clip_final_action = clip_final_action
+        self.expert_action_noise = expert_action_noise
+        self.track_action_stats = track_action_stats
+        self.policy_obs_fn = policy_obs_fn
+        self.expert_action: Optional[torch.Tensor] = None  # the expert action for the current observation
+
+    def _expert(self, obs: dict, noise: bool = True) -> torch.Tensor:
+        action = self.expert(obs)
+        if not isinstance(action, torch.Tensor) or action.shape != (self.num_envs, self.action_dim) \
+                or not action.is_floating_point():
+            got = f"{type(action).__name__} {tuple(action.shape)} {action.dtype}" if isinstance(action, torch.Tensor) \
+                else type(action).__name__
+            raise UsageError(f"the expert must return a float tensor of shape ({self.num_envs}, {self.action_dim}); "
+                             f"it returned {got}")
+        action = action.to(self.device, torch.float32)
+        if noise and self.expert_action_noise > 0:
+            action = action + self.expert_action_noise * torch.randn_like(action)
+        return action
+
+    def _policy_obs(self, obs: dict, expert_action: torch.Tensor) -> Obs:
+        policy_obs = self.policy_obs_fn(obs)
+        if isinstance(policy_obs, dict):  # image policies: the expert action joins the state part
+            return {**policy_obs, "state": torch.cat([policy_obs["state"], expert_action], dim=-1)}
+        return torch.cat([policy_obs, expert_action], dim=-1)
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        self.expert_action = self._expert(obs)
+        return self._policy_obs(obs, self.expert_action), info
+
+    def step(self, residual: torch.Tensor):
+        residual = residual.to(self.device)
+        action = self.expert_action + self.residual_scale * residual
+        if self.clip_final_action:
+            action = torch.clamp(action, self.low, self.high)
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if self.track_action_stats:
+            info["action_stats"] = dict(expert=self.expert_action.abs().mean(), residual=residual.abs().mean(),
+                                        final=action.abs().mean())
+        if "final_observation" in info:
+            final_obs = info["final_observation"]
+            info["final_observation"] = self._policy_obs(final_obs, self._expert(final_obs, noise=False))
+        self.expert_action = self._expert(obs)
+        return self._policy_obs(obs, self.expert_action), reward, terminated, truncated, info
+
+    def render(self) -> torch.Tensor:
+        return self.env.render()
+
+    def close(self) -> None:
+        self.env.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and videos
+# ----------------------------------------------------------------------------------------------
+def save_checkpoint(path: str, payload: dict) -> None:
+    """Write atomically: a temporary file, fsync, then rename, so a crash never leaves a torn file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, map_location: Union[str, torch.device] = "cpu") -> dict:
+    """Load a checkpoint written by one of the scripts, or raise a one-line UsageError saying why not."""
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint '{path}' does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle, unreadable file ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"checkpoint '{path}' cannot be loaded ({reason}); expected a .pt file written by ppo*.py") from None
+    if not isinstance(payload, dict) or "model" not in payload or "meta" not in payload:
+        raise UsageError(f"'{path}' is not a checkpoint of these scripts (no 'model' and 'meta' entries)")
+    return payload
+
+
+def versions() -> dict:
+    import mani_skill
+
+    return dict(torch=torch.__version__, mani_skill=mani_skill.__version__, python=sys.version.split()[0])
+
+
+def save_video(frames: list[torch.Tensor], path: str, fps: int = 20) -> None:
+    """Write a list of [num_envs, H, W, 3] uint8 frames as one mp4, the envs tiled side by side."""
+    from mani_skill.utils.visualization.misc import images_to_video, tile_images
+
+    tiled = [tile_images([f[i].cpu().numpy() for i in range(f.shape[0])]) for f in frames]
+    images_to_video(tiled, os.path.dirname(path), os.path.splitext(os.path.basename(path))[0], fps=fps,
+                    verbose=False)
