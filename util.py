@@ -67,6 +67,15 @@ def resolve_sim_backend(sim_backend: str) -> str:
     return sim_backend
 
 
+def check_writable(directory: str) -> None:
+    """The output directory, or its nearest existing parent, must be writable."""
+    probe = os.path.abspath(directory)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"output directory '{directory}' is not writable (checked '{probe}')")
+
+
 # ----------------------------------------------------------------------------------------------
 # Backends
 # ----------------------------------------------------------------------------------------------
@@ -257,6 +266,10 @@ class CpuVectorEnv:
         self.num_envs = num_envs
         self.ignore_terminations = ignore_terminations
         self.device = torch.device("cpu")
+        # Unseeded resets draw task randomness from the process's global torch RNG, which here depends on
+        # how envs are spread over workers; reseeding it from each env's own episode seed makes every
+        # episode a function of the seed given to reset() alone.
+        env_kwargs.setdefault("enhanced_determinism", True)
         num_workers = max(1, min(num_envs, num_workers or os.cpu_count() or 1))
         bounds = np.linspace(0, num_envs, num_workers + 1).round().astype(int)
         self.slices = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -540,6 +553,16 @@ def load_checkpoint(path: str, map_location: Union[str, torch.device] = "cpu") -
     if not isinstance(payload, dict) or "model" not in payload or "meta" not in payload:
         raise UsageError(f"'{path}' is not a checkpoint of these scripts (no 'model' and 'meta' entries)")
     return payload
+
+
+def check_checkpoint(payload: dict, path: str, **expected) -> None:
+    """Compare a checkpoint's metadata with what the caller needs (network, env_id, obs_dim, ...)."""
+    meta = payload["meta"]
+    for key, want in expected.items():
+        have = meta.get(key)
+        if have != want:
+            script = f" (written by {meta['script']})" if key == "network" and "script" in meta else ""
+            raise UsageError(f"checkpoint '{path}' has {key}={have}{script} but this run needs {key}={want}")
 
 
 def versions() -> dict:

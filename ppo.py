@@ -1,0 +1,448 @@
+"""Expert+Residual PPO on ManiSkill from state observations (the reference script).
+
+The executed action is ``clip(expert_action + residual_scale * residual_action)``; PPO learns the
+residual and sees ``[state, expert_action]``. Runs on ManiSkill's GPU simulation when CUDA is present,
+otherwise on a multi-process CPU backend (see util.py). CleanRL style: one file, top to bottom.
+"""
+
+import json
+import os
+import random
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.optim as optim
+import tyro
+from torch.distributions.normal import Normal
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import experts
+import util
+
+SCRIPT = "ppo.py"
+NETWORK = "mlp-state"  # checkpoints record which network they hold, so a wrong script refuses them
+
+
+@dataclass
+class Args:
+    exp_name: Optional[str] = None
+    """the name of this experiment (default: the script name)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, the networks run on CUDA when it is available"""
+    track: bool = False
+    """if toggled, log to Weights and Biases (wandb is imported only then)"""
+    wandb_project_name: str = "ManiSkill"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = True
+    """if toggled, record an mp4 of the eval envs at every evaluation"""
+    save_model: bool = True
+    """if toggled, save a checkpoint at every evaluation and at the end"""
+    evaluate: bool = False
+    """if toggled, only evaluate the policy in --checkpoint"""
+    checkpoint: Optional[str] = None
+    """path to a checkpoint (.pt) to evaluate"""
+    output_dir: str = "runs"
+    """directory that receives one folder per run (logs, checkpoints, videos)"""
+
+    # Environment and expert
+    env_id: str = "PickCube-v1"
+    """the ManiSkill task id"""
+    control_mode: Optional[str] = "pd_joint_delta_pos"
+    """the robot's control mode (None: the task's default)"""
+    sim_backend: str = "auto"
+    """auto | gpu | cpu: gpu is ManiSkill's physx_cuda simulation, cpu our multi-process backend"""
+    expert_type: str = "zero"
+    """the expert the residual corrects (see experts.py)"""
+    residual_scale: float = 1.0
+    """the executed action is clip(expert + residual_scale * residual)"""
+    expert_action_noise: float = 0.0
+    """std of Gaussian noise added to the expert action while training (never in eval)"""
+    clip_final_action: bool = True
+    """if toggled, clip the executed action to the action bounds"""
+
+    # Algorithm
+    total_timesteps: int = 10_000_000
+    """total env steps of training"""
+    learning_rate: float = 3e-4
+    """the learning rate of the optimizer"""
+    num_envs: Optional[int] = None
+    """parallel training envs (default: 512 on the GPU backend, 4 per core on the CPU backend)"""
+    num_eval_envs: Optional[int] = None
+    """parallel eval envs (default: 8 on the GPU backend, 2 per core on the CPU backend)"""
+    num_steps: int = 50
+    """steps per env per rollout"""
+    num_eval_steps: Optional[int] = None
+    """steps per evaluation (default: the task's episode length, so every eval env ends one episode)"""
+    partial_reset: bool = True
+    """if toggled, training episodes end on success or failure; otherwise only at the time limit"""
+    reward_scale: float = 1.0
+    """multiplier applied to rewards before PPO sees them"""
+    anneal_lr: bool = False
+    """if toggled, anneal the learning rate linearly to zero"""
+    gamma: float = 0.8
+    """the discount factor"""
+    gae_lambda: float = 0.9
+    """the lambda of generalized advantage estimation"""
+    num_minibatches: Optional[int] = None
+    """minibatches per epoch (default: 32 on the GPU backend, 4 on the CPU backend)"""
+    update_epochs: int = 4
+    """epochs over each batch"""
+    norm_adv: bool = True
+    """if toggled, normalize advantages per minibatch"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = False
+    """if toggled, clip the value loss as in the PPO paper"""
+    ent_coef: float = 0.0
+    """coefficient of the entropy bonus"""
+    vf_coef: float = 0.5
+    """coefficient of the value loss"""
+    max_grad_norm: float = 0.5
+    """the maximum norm for gradient clipping"""
+    target_kl: Optional[float] = 0.1
+    """stop an update early when the approximate KL exceeds this"""
+    eval_freq: int = 25
+    """evaluate (and checkpoint) every this many iterations"""
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    def __init__(self, obs_dim: int, action_dim: int):
+        super().__init__()
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 256)), nn.Tanh(),
+            layer_init(nn.Linear(256, 256)), nn.Tanh(),
+            layer_init(nn.Linear(256, 256)), nn.Tanh(),
+            layer_init(nn.Linear(256, 1)),
+        )
+        self.actor_mean = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 256)), nn.Tanh(),
+            layer_init(nn.Linear(256, 256)), nn.Tanh(),
+            layer_init(nn.Linear(256, 256)), nn.Tanh(),
+            # a near-zero residual head: training starts at the expert's behaviour
+            layer_init(nn.Linear(256, action_dim), std=0.01 * np.sqrt(2)),
+        )
+        self.actor_logstd = nn.Parameter(torch.ones(1, action_dim) * -0.5)
+
+    def get_value(self, x):
+        return self.critic(x)
+
+    def get_action(self, x, deterministic=False):
+        action_mean = self.actor_mean(x)
+        if deterministic:
+            return action_mean
+        return Normal(action_mean, torch.exp(self.actor_logstd.expand_as(action_mean))).sample()
+
+    def get_action_and_value(self, x, action=None):
+        action_mean = self.actor_mean(x)
+        probs = Normal(action_mean, torch.exp(self.actor_logstd.expand_as(action_mean)))
+        if action is None:
+            action = probs.sample()
+        return action, probs.log_prob(action).sum(1), probs.entropy().sum(1), self.critic(x)
+
+
+def check_args(args: Args, backend: str) -> None:
+    """Reject bad input before any env is built or anything is written."""
+    util.check_env_id(args.env_id)
+    experts.check_expert_type(args.expert_type)
+    if args.evaluate and args.checkpoint is None:
+        raise util.UsageError("--evaluate needs --checkpoint PATH")
+    if args.num_envs < 1 or args.num_eval_envs < 1:
+        raise util.UsageError(f"--num-envs and --num-eval-envs must be >= 1, got {args.num_envs} and {args.num_eval_envs}")
+    if args.residual_scale < 0:
+        raise util.UsageError(f"--residual-scale must be >= 0, got {args.residual_scale}")
+    if args.num_steps < 1 or args.num_minibatches < 1 or args.update_epochs < 1 or args.eval_freq < 1:
+        raise util.UsageError("--num-steps, --num-minibatches, --update-epochs and --eval-freq must be >= 1")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches:
+        raise util.UsageError(f"--num-minibatches {args.num_minibatches} does not divide the batch of "
+                              f"{batch_size} (= num_envs {args.num_envs} x num_steps {args.num_steps})")
+    if not args.evaluate and args.total_timesteps < batch_size:
+        raise util.UsageError(f"--total-timesteps {args.total_timesteps} is less than one batch of {batch_size} "
+                              f"(num_envs x num_steps)")
+    util.check_writable(args.output_dir)
+
+
+def main():
+    args = tyro.cli(Args)
+    backend = util.resolve_sim_backend(args.sim_backend)
+    cores = os.cpu_count() or 1
+    if args.num_envs is None:
+        args.num_envs = 512 if backend == "gpu" else 4 * cores
+    if args.num_eval_envs is None:
+        args.num_eval_envs = 8 if backend == "gpu" else 2 * cores
+    if args.num_minibatches is None:
+        args.num_minibatches = 32 if backend == "gpu" else 4
+    if args.exp_name is None:
+        args.exp_name = os.path.splitext(SCRIPT)[0]
+    check_args(args, backend)
+    checkpoint = util.load_checkpoint(args.checkpoint) if args.checkpoint else None
+    if checkpoint is not None:
+        util.check_checkpoint(checkpoint, args.checkpoint, network=NETWORK, env_id=args.env_id)
+
+    batch_size = args.num_envs * args.num_steps
+    minibatch_size = batch_size // args.num_minibatches
+    num_iterations = args.total_timesteps // batch_size
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # ---- environments: backend -> expert + residual wrapper ----
+    env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend)
+    eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True, **env_kwargs)
+    expert = experts.make_expert(args.expert_type, eval_envs)
+    eval_envs = util.ExpertResidualWrapper(eval_envs, expert, args.residual_scale, args.clip_final_action)
+    if not args.evaluate:
+        envs = util.ExpertResidualWrapper(
+            util.make_env(args.env_id, args.num_envs, ignore_terminations=not args.partial_reset, **env_kwargs),
+            expert, args.residual_scale, args.clip_final_action, expert_action_noise=args.expert_action_noise)
+    num_eval_steps = args.num_eval_steps or eval_envs.max_episode_steps
+    obs, _ = eval_envs.reset(seed=args.seed + 1_000_000)
+    obs_dim, action_dim = obs.shape[1], eval_envs.action_dim
+
+    agent = Agent(obs_dim, action_dim).to(device)
+    if checkpoint is not None:
+        util.check_checkpoint(checkpoint, args.checkpoint, obs_dim=obs_dim, action_dim=action_dim,
+                              control_mode=eval_envs.control_mode)
+        agent.load_state_dict(checkpoint["model"])
+    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+
+    # ---- output: logs, checkpoints, videos ----
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
+    os.makedirs(run_dir, exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    print(f"backend: {backend} | envs: {'-' if args.evaluate else args.num_envs} train, {args.num_eval_envs} eval | "
+          f"control mode: {eval_envs.control_mode} | expert: {args.expert_type} | device: {device}")
+    print(f"logs: {run_dir} (tensorboard --logdir {args.output_dir})")
+    if args.save_model and not args.evaluate:
+        print(f"checkpoints: {run_dir}/ckpt_<iteration>.pt and {run_dir}/final_ckpt.pt")
+    if video_dir:
+        print(f"videos: {video_dir}")
+
+    def save(path: str) -> None:
+        meta = dict(script=SCRIPT, network=NETWORK, env_id=args.env_id, obs_mode="state",
+                    control_mode=eval_envs.control_mode, obs_dim=obs_dim, action_dim=action_dim,
+                    expert_type=args.expert_type, residual_scale=args.residual_scale,
+                    args=asdict(args), versions=util.versions())
+        util.save_checkpoint(path, dict(model=agent.state_dict(), meta=meta))
+
+    def evaluate(global_step: int) -> dict:
+        agent.eval()
+        obs, _ = eval_envs.reset()
+        episodes, frames = defaultdict(list), []
+        for _ in range(num_eval_steps):
+            with torch.no_grad():
+                action = agent.get_action(obs.to(device), deterministic=True)
+            obs, _, _, _, info = eval_envs.step(action)
+            if video_dir:
+                frames.append(eval_envs.render())
+            if "final_info" in info:
+                mask = info["_final_info"]
+                for k, v in info["final_info"]["episode"].items():
+                    episodes[k].append(v[mask].float())
+        if frames:
+            util.save_video(frames, os.path.join(video_dir, f"eval_{global_step}.mp4"))
+        agent.train()
+        return {k: torch.cat(v).mean().item() for k, v in episodes.items()}
+
+    def eval_line(metrics: dict, global_step: int) -> str:
+        return f"eval @ {global_step} steps: " + " ".join(
+            f"{k}={metrics[k]:.3f}" for k in ("success_once", "success_at_end", "return") if k in metrics)
+
+    if args.evaluate:
+        metrics = evaluate(0)
+        print(eval_line(metrics, 0))
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(dict(checkpoint=args.checkpoint, eval=metrics), f, indent=2)
+        eval_envs.close()
+        return
+
+    # ---- storage ----
+    obs_buf = torch.zeros((args.num_steps, args.num_envs, obs_dim), device=device)
+    actions = torch.zeros((args.num_steps, args.num_envs, action_dim), device=device)
+    logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
+    rewards = torch.zeros((args.num_steps, args.num_envs), device=device)
+    dones = torch.zeros((args.num_steps, args.num_envs), device=device)
+    values = torch.zeros((args.num_steps, args.num_envs), device=device)
+    final_values = torch.zeros((args.num_steps, args.num_envs), device=device)
+
+    global_step, train_time, last_eval = 0, 0.0, {}
+    next_obs, _ = envs.reset(seed=args.seed)
+    next_obs = next_obs.to(device)
+    next_done = torch.zeros(args.num_envs, device=device)
+    progress = tqdm(total=num_iterations * batch_size, unit="step", dynamic_ncols=True)
+
+    for iteration in range(1, num_iterations + 1):
+        # ---- eval (and checkpoint) ----
+        if (iteration - 1) % args.eval_freq == 0:
+            last_eval = evaluate(global_step)
+            for k, v in last_eval.items():
+                writer.add_scalar(f"eval/{k}", v, global_step)
+            progress.write(eval_line(last_eval, global_step))
+            if args.save_model:
+                save(os.path.join(run_dir, f"ckpt_{iteration}.pt"))
+
+        iteration_start = time.time()
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
+
+        # ---- rollout ----
+        final_values.zero_()
+        action_stats = defaultdict(float)
+        for step in range(args.num_steps):
+            global_step += args.num_envs
+            obs_buf[step] = next_obs
+            dones[step] = next_done
+            with torch.no_grad():
+                action, logprob, _, value = agent.get_action_and_value(next_obs)
+            values[step] = value.flatten()
+            actions[step] = action
+            logprobs[step] = logprob
+
+            next_obs, reward, terminations, truncations, infos = envs.step(action)
+            next_obs = next_obs.to(device)
+            next_done = (terminations | truncations).to(device, torch.float32)
+            rewards[step] = reward.to(device).view(-1) * args.reward_scale
+            for k, v in infos.get("action_stats", {}).items():
+                action_stats[k] += v.item() / args.num_steps
+            if "final_info" in infos:
+                done_mask = infos["_final_info"]
+                for k, v in infos["final_info"]["episode"].items():
+                    writer.add_scalar(f"train/{k}", v[done_mask].float().mean().item(), global_step)
+                # bootstrap episodes cut by the time limit (not true terminations) from their last observation
+                bootstrap = (done_mask & truncations & ~terminations).to(device)
+                if bootstrap.any():
+                    with torch.no_grad():
+                        final_obs = infos["final_observation"].to(device)
+                        final_values[step, bootstrap] = agent.get_value(final_obs[bootstrap]).flatten()
+
+        # ---- advantage (GAE) ----
+        with torch.no_grad():
+            next_value = agent.get_value(next_obs).reshape(1, -1)
+            advantages = torch.zeros_like(rewards)
+            lastgaelam = 0
+            for t in reversed(range(args.num_steps)):
+                if t == args.num_steps - 1:
+                    next_not_done = 1.0 - next_done
+                    nextvalues = next_value
+                else:
+                    next_not_done = 1.0 - dones[t + 1]
+                    nextvalues = values[t + 1]
+                real_next_values = next_not_done * nextvalues + final_values[t]
+                delta = rewards[t] + args.gamma * real_next_values - values[t]
+                advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * next_not_done * lastgaelam
+            returns = advantages + values
+
+        # ---- update ----
+        b_obs = obs_buf.reshape((-1, obs_dim))
+        b_logprobs = logprobs.reshape(-1)
+        b_actions = actions.reshape((-1, action_dim))
+        b_advantages = advantages.reshape(-1)
+        b_returns = returns.reshape(-1)
+        b_values = values.reshape(-1)
+
+        clipfracs = []
+        for epoch in range(args.update_epochs):
+            b_inds = torch.randperm(batch_size, device=device)
+            for start in range(0, batch_size, minibatch_size):
+                mb_inds = b_inds[start:start + minibatch_size]
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
+                logratio = newlogprob - b_logprobs[mb_inds]
+                ratio = logratio.exp()
+                with torch.no_grad():
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
+                if args.target_kl is not None and approx_kl > args.target_kl:
+                    break
+
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                newvalue = newvalue.view(-1)
+                if args.clip_vloss:
+                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+                    v_clipped = b_values[mb_inds] + torch.clamp(newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef)
+                    v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - b_returns[mb_inds]) ** 2).mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+            if args.target_kl is not None and approx_kl > args.target_kl:
+                break
+
+        # ---- log ----
+        train_time += time.time() - iteration_start
+        sps = int(global_step / train_time)
+        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+        var_y = np.var(y_true)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+        writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+        writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
+        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+        writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+        writer.add_scalar("losses/explained_variance", explained_var, global_step)
+        for k, v in action_stats.items():
+            writer.add_scalar(f"actions/{k}_abs_mean", v, global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        progress.update(batch_size)
+        progress.set_postfix(SPS=sps, eval_success=f"{last_eval.get('success_once', float('nan')):.2f}")
+
+    progress.close()
+    # ---- final eval and checkpoint ----
+    last_eval = evaluate(global_step)
+    for k, v in last_eval.items():
+        writer.add_scalar(f"eval/{k}", v, global_step)
+    print(eval_line(last_eval, global_step))
+    if args.save_model:
+        save(os.path.join(run_dir, "final_ckpt.pt"))
+        print(f"saved {run_dir}/final_ckpt.pt")
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(dict(global_step=global_step, train_sps=global_step / train_time, eval=last_eval), f, indent=2)
+    writer.close()
+    envs.close()
+    eval_envs.close()
+
+
+if __name__ == "__main__":
+    util.run_cli(main)

@@ -1,0 +1,129 @@
+"""Both backends against hand-stepped single ManiSkill envs, on the real simulator."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import util
+
+ENV_ID = "PickCube-v1"
+# enhanced_determinism: the CPU backend's default; the native path needs it to be comparable
+KW = dict(control_mode="pd_joint_delta_pos", max_episode_steps=5, enhanced_determinism=True)
+STEPS = 12  # crosses two autoresets
+
+
+def flat(obs):
+    return util.flat_state(obs)
+
+
+def scripted_actions(num_envs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(num_envs, 8, generator=g) * 2 - 1 for _ in range(STEPS)]
+
+
+def reference_rollout(seeds, actions):
+    """Single physx_cpu envs stepped in turn by hand, reset by hand when their episode ends."""
+    envs = [gym.make(ENV_ID, num_envs=1, sim_backend="physx_cpu", obs_mode="state_dict", **KW) for _ in seeds]
+    obs = torch.cat([flat(env.reset(seed=s)[0]) for env, s in zip(envs, seeds)])
+    out = dict(obs=[obs], rew=[], trunc=[], final_obs=[], returns=[], lens=[])
+    returns = torch.zeros(len(seeds))
+    for a in actions:
+        step_obs, rews, truncs, finals = [], [], [], []
+        for i, env in enumerate(envs):
+            o, r, term, trunc, info = env.step(a[i:i + 1])
+            finals.append(flat(o))
+            returns[i] += r[0]
+            if bool(trunc[0]) or bool(term[0]):
+                out["returns"].append(returns[i].item())
+                out["lens"].append(int(info["elapsed_steps"][0]))
+                returns[i] = 0
+                o, _ = env.reset()
+            step_obs.append(flat(o))
+            rews.append(r)
+            truncs.append(trunc)
+        out["obs"].append(torch.cat(step_obs))
+        out["rew"].append(torch.cat(rews))
+        out["trunc"].append(torch.cat(truncs))
+        out["final_obs"].append(torch.cat(finals))
+    for env in envs:
+        env.close()
+    return out
+
+
+def backend_rollout(env, seed, actions):
+    obs, _ = env.reset(seed=seed)
+    out = dict(obs=[flat(obs)], rew=[], trunc=[], final_obs=[], returns=[], lens=[], final_info=0)
+    for a in actions:
+        o, r, term, trunc, info = env.step(a)
+        assert not term.any()
+        out["obs"].append(flat(o))
+        out["rew"].append(r)
+        out["trunc"].append(trunc)
+        if "final_info" in info:
+            mask = info["_final_info"]
+            out["final_info"] += 1
+            out["final_obs"].append(flat(info["final_observation"]))
+            out["returns"] += info["final_info"]["episode"]["return"][mask].tolist()
+            out["lens"] += info["final_info"]["episode"]["episode_len"][mask].tolist()
+        else:
+            assert "episode" in info and set(info["episode"]) >= {"return", "episode_len", "success_once"}
+            out["final_obs"].append(flat(o))
+    env.close()
+    return out
+
+
+def assert_same(got, want):
+    for key in ("obs", "rew", "trunc", "final_obs"):
+        assert len(got[key]) == len(want[key])
+        for t, (g, w) in enumerate(zip(got[key], want[key])):
+            torch.testing.assert_close(g.float(), w.float(), msg=f"{key} differs at step {t}")
+    np.testing.assert_allclose(got["returns"], want["returns"], rtol=1e-5)
+    assert got["lens"] == want["lens"] == [5] * len(want["lens"])
+
+
+def test_cpu_backend_matches_single_envs_across_autoreset():
+    actions = scripted_actions(3)
+    env = util.CpuVectorEnv(ENV_ID, 3, num_workers=2, obs_mode="state_dict", **KW)
+    assert env.slices == [(0, 2), (2, 3)] or env.slices == [(0, 1), (1, 3)]
+    got = backend_rollout(env, 7, actions)
+    want = reference_rollout(util._episode_seeds(7, 3), actions)
+    assert got["final_info"] == 2
+    assert_same(got, want)
+
+
+def test_native_maniskill_path_matches_cpu_backend():
+    """The GPU code path (gym.make + ManiSkillVectorEnv), run on physx_cpu with one env."""
+    actions = scripted_actions(1, seed=1)
+    native = util.make_env(ENV_ID, 1, sim_backend="physx_cpu", **KW)
+    assert isinstance(native, util.GpuVectorEnv)
+    got = backend_rollout(native, 3, actions)
+    want = backend_rollout(util.CpuVectorEnv(ENV_ID, 1, obs_mode="state_dict", **KW), 3, actions)
+    assert_same(got, want)
+    assert got["final_info"] == want["final_info"] == 2
+
+
+@pytest.mark.parametrize("ignore_terminations", [False, True])
+def test_success_metrics_and_ignore_terminations(ignore_terminations):
+    """Both backends report the same episode metrics; success_at_end only when terminations are ignored."""
+    actions = scripted_actions(1, seed=2)
+    for backend in ("physx_cpu", "cpu"):
+        env = util.make_env(ENV_ID, 1, sim_backend=backend, ignore_terminations=ignore_terminations, **KW)
+        env.reset(seed=5)
+        keys = set()
+        for a in actions:
+            _, _, term, trunc, info = env.step(a)
+            if "final_info" in info:
+                keys |= set(info["final_info"]["episode"])
+        env.close()
+        expected = {"return", "episode_len", "success_once", "reward"}
+        if ignore_terminations:
+            expected |= {"success_at_end"}
+        assert keys == expected, backend
+
+
+def test_bad_sizes_and_ids_are_usage_errors():
+    with pytest.raises(util.UsageError, match="at least 1"):
+        util.make_env(ENV_ID, 0, sim_backend="cpu")
+    with pytest.raises(util.UsageError, match="PickCube-v1"):
+        util.make_env("PickCub-v1", 1, sim_backend="cpu")
