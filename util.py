@@ -568,7 +568,7 @@ def check_checkpoint(payload: dict, path: str, **expected) -> None:
 def versions() -> dict:
     import mani_skill
 
-    return dict(torch=torch.__version__, mani_skill=mani_skill.__version__, python=sys.version.split()[0])
+    return dict(torch=str(torch.__version__), mani_skill=str(mani_skill.__version__), python=sys.version.split()[0])
 
 
 def save_video(frames: list[torch.Tensor], path: str, fps: int = 20) -> None:

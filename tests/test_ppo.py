@@ -1,0 +1,103 @@
+"""ppo.py end to end on the CPU backend: train, checkpoint, tensorboard, video, --evaluate, bad input."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--sim-backend", "cpu", "--num-envs", "2", "--num-eval-envs", "1", "--num-steps", "8",
+        "--num-minibatches", "2", "--total-timesteps", "32", "--eval-freq", "1"]
+
+
+def run(args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "ppo.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    proc = run([*TINY, "--output-dir", str(out)], cwd=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = glob.glob(str(out / "PickCube-v1__ppo__1__*"))
+    return run_dir, proc
+
+
+def test_training_writes_checkpoint_events_and_video(trained):
+    run_dir, proc = trained
+    assert "eval @ 32 steps: success_once=" in proc.stdout
+    assert glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
+    videos = glob.glob(os.path.join(run_dir, "videos", "*.mp4"))
+    assert videos and all(os.path.getsize(v) > 1000 for v in videos)
+    assert not glob.glob(os.path.join(run_dir, "*.tmp*")), "atomic save leaves no temporary files"
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert summary["global_step"] == 32 and "success_once" in summary["eval"]
+
+    ckpt = torch.load(os.path.join(run_dir, "final_ckpt.pt"), map_location="cpu", weights_only=True)
+    meta = ckpt["meta"]
+    assert meta["env_id"] == "PickCube-v1" and meta["control_mode"] == "pd_joint_delta_pos"
+    assert (meta["obs_dim"], meta["action_dim"]) == (50, 8)
+    assert meta["network"] == "mlp-state" and meta["args"]["num_envs"] == 2
+    assert set(meta["versions"]) == {"torch", "mani_skill", "python"}
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    assert ckpt["model"]["actor_mean.6.weight"].shape == (8, 256)
+
+
+def test_evaluate_loads_the_checkpoint(trained, tmp_path):
+    run_dir, _ = trained
+    ckpt = os.path.join(run_dir, "final_ckpt.pt")
+    proc = run(["--evaluate", "--checkpoint", ckpt, "--sim-backend", "cpu", "--num-eval-envs", "2",
+                "--no-capture-video", "--output-dir", str(tmp_path)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "eval @ 0 steps: success_once=" in proc.stdout
+    (summary,) = glob.glob(str(tmp_path / "*" / "summary.json"))
+    assert json.load(open(summary))["checkpoint"] == ckpt
+
+
+BAD_INPUTS = [
+    (["--env-id", "PickCub-v1"], "did you mean PickCube-v1"),
+    (["--sim-backend", "gpu"], "needs a CUDA device"),
+    (["--num-envs", "0"], "--num-envs"),
+    (["--total-timesteps", "8"], "less than one batch"),
+    (["--evaluate"], "--evaluate needs --checkpoint"),
+    (["--num-minibatches", "3"], "does not divide"),
+    (["--residual-scale", "-0.5"], "--residual-scale"),
+    (["--expert-type", "oracle"], "unknown expert type 'oracle'"),
+    (["--evaluate", "--checkpoint", "missing.pt"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_gives_one_line_and_exit_2(extra, message, tmp_path):
+    if "gpu" in extra and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "runs"
+    proc = run([*TINY, "--output-dir", str(out), *extra], cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and "WARNING" not in l]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists(), "bad input must not write anything"
+
+
+def test_corrupt_and_foreign_checkpoints_are_refused(trained, tmp_path):
+    run_dir, _ = trained
+    good = open(os.path.join(run_dir, "final_ckpt.pt"), "rb").read()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good[: len(good) // 2])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    other_env = tmp_path / "other_env.pt"
+    ckpt = torch.load(os.path.join(run_dir, "final_ckpt.pt"), weights_only=True)
+    ckpt["meta"]["env_id"] = "PushCube-v1"
+    torch.save(ckpt, other_env)
+    for path, message in [(truncated, "cannot be loaded"), (foreign, "not a checkpoint"),
+                          (other_env, "env_id=PushCube-v1")]:
+        proc = run([*TINY, "--evaluate", "--checkpoint", str(path), "--output-dir", str(tmp_path / "runs")],
+                   cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

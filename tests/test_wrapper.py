@@ -1,0 +1,136 @@
+"""ExpertResidualWrapper arithmetic on ManiSkill's native vector path (physx_cpu, one env)."""
+
+import pytest
+import torch
+
+import util
+from experts import ZeroExpert
+
+ENV_ID = "PickCube-v1"
+
+
+class ConstantExpert:
+    """Returns a fixed action and counts its calls."""
+
+    def __init__(self, action):
+        self.action = torch.as_tensor(action, dtype=torch.float32)
+        self.calls = 0
+
+    def __call__(self, obs):
+        self.calls += 1
+        assert isinstance(obs, dict) and "extra" in obs, "experts receive the structured observation"
+        n = obs["agent"]["qpos"].shape[0]
+        return self.action.expand(n, -1).clone()
+
+
+class RecordingEnv:
+    """Forwards to a real backend and records the actions it is asked to execute."""
+
+    def __init__(self, env):
+        self.env, self.executed = env, []
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def step(self, action):
+        self.executed.append(action.clone())
+        return self.env.step(action)
+
+
+@pytest.fixture(scope="module")
+def native_env():
+    env = util.make_env(ENV_ID, 1, sim_backend="physx_cpu", control_mode="pd_joint_delta_pos", max_episode_steps=4)
+    yield env
+    env.close()
+
+
+EXPERT = [0.5, -0.5, 0.9, 0.0, 0.2, -0.9, 0.1, 1.0]
+
+
+def test_executed_action_is_clipped_scaled_sum(native_env):
+    rec = RecordingEnv(native_env)
+    wrapper = util.ExpertResidualWrapper(rec, ConstantExpert(EXPERT), residual_scale=0.5)
+    wrapper.reset(seed=0)
+    residual = torch.tensor([[0.2, 0.2, 0.4, -4.0, 0.0, -0.4, 0.0, 0.6]])
+    wrapper.step(residual)
+    want = torch.tensor([[0.6, -0.4, 1.0, -1.0, 0.2, -1.0, 0.1, 1.0]])  # clip(expert + 0.5 * residual)
+    torch.testing.assert_close(rec.executed[-1], want)
+
+    unclipped = util.ExpertResidualWrapper(rec, ConstantExpert(EXPERT), residual_scale=0.5, clip_final_action=False)
+    unclipped.reset(seed=0)
+    unclipped.step(residual)
+    torch.testing.assert_close(rec.executed[-1], torch.tensor(EXPERT) + 0.5 * residual)
+
+
+def test_policy_observation_is_state_then_expert_action(native_env):
+    wrapper = util.ExpertResidualWrapper(native_env, ConstantExpert(EXPERT))
+    raw_obs, _ = native_env.reset(seed=3)
+    obs, _ = wrapper.reset(seed=3)
+    state = util.flat_state(raw_obs)
+    assert obs.shape == (1, state.shape[1] + 8)
+    torch.testing.assert_close(obs[:, :state.shape[1]], state)
+    torch.testing.assert_close(obs[:, state.shape[1]:], torch.tensor([EXPERT]))
+
+
+def test_expert_called_once_per_step_and_shown_action_is_executed(native_env):
+    calls = []
+
+    def expert(obs):  # depends on the observation, so a stale or recomputed action would show
+        calls.append(1)
+        return torch.tanh(obs["agent"]["qpos"][:, :8] * 3)
+
+    rec = RecordingEnv(native_env)
+    wrapper = util.ExpertResidualWrapper(rec, expert, residual_scale=0.0)
+    obs, _ = wrapper.reset(seed=1)
+    assert len(calls) == 1
+    ends = 0
+    for step in range(6):  # max_episode_steps=4: one episode end, whose final obs also gets an expert action
+        shown = obs[:, -8:].clone()
+        obs, _, _, trunc, info = wrapper.step(torch.zeros(1, 8))
+        torch.testing.assert_close(rec.executed[-1], shown.clamp(-1, 1))
+        ends += int("final_info" in info)
+        assert len(calls) == 1 + (step + 1) + ends
+    assert ends == 1
+
+
+def test_final_observation_carries_expert_action(native_env):
+    wrapper = util.ExpertResidualWrapper(native_env, ConstantExpert(EXPERT))
+    wrapper.reset(seed=2)
+    for _ in range(4):
+        _, _, _, trunc, info = wrapper.step(torch.zeros(1, 8))
+    assert trunc.all() and "final_observation" in info
+    assert info["final_observation"].shape == (1, wrapper.reset()[0].shape[1])
+    torch.testing.assert_close(info["final_observation"][:, -8:], torch.tensor([EXPERT]))
+
+
+def test_action_stats_and_noise(native_env):
+    wrapper = util.ExpertResidualWrapper(native_env, ConstantExpert(EXPERT), residual_scale=1.0,
+                                         expert_action_noise=0.3)
+    obs, _ = wrapper.reset(seed=0)
+    assert not torch.allclose(obs[:, -8:], torch.tensor([EXPERT])), "noise must reach the shown expert action"
+    _, _, _, _, info = wrapper.step(torch.full((1, 8), 0.25))
+    stats = info["action_stats"]
+    assert set(stats) == {"expert", "residual", "final"}
+    assert stats["residual"].item() == pytest.approx(0.25)
+
+
+def test_bad_expert_output_is_reported_on_first_call(native_env):
+    wrapper = util.ExpertResidualWrapper(native_env, lambda obs: torch.zeros(1, 3))
+    with pytest.raises(util.UsageError, match=r"shape \(1, 8\)"):
+        wrapper.reset(seed=0)
+    wrapper = util.ExpertResidualWrapper(native_env, lambda obs: torch.zeros(1, 8, dtype=torch.int64))
+    with pytest.raises(util.UsageError, match="float tensor"):
+        wrapper.reset(seed=0)
+    with pytest.raises(util.UsageError, match="residual scale"):
+        util.ExpertResidualWrapper(native_env, ZeroExpert(8), residual_scale=-1)
+
+
+def test_env_id_form_builds_its_own_backend():
+    wrapper = util.ExpertResidualWrapper(env_id=ENV_ID, expert_policy_fn=ZeroExpert(8), num_envs=2,
+                                         residual_scale=0.5, sim_backend="cpu", control_mode="pd_joint_delta_pos")
+    try:
+        obs, _ = wrapper.reset(seed=0)
+        assert isinstance(wrapper.env, util.CpuVectorEnv)
+        assert obs.shape == (2, 50) and torch.all(obs[:, -8:] == 0)
+    finally:
+        wrapper.close()
