@@ -96,7 +96,7 @@ class Args:
     gae_lambda: float = 0.9
     """the lambda of generalized advantage estimation"""
     num_minibatches: Optional[int] = None
-    """minibatches per epoch (default: 32 on the GPU backend, 4 on the CPU backend)"""
+    """minibatches per epoch (default: 32 on the GPU backend, 2 on the CPU backend)"""
     update_epochs: int = 4
     """epochs over each batch"""
     norm_adv: bool = True
@@ -189,7 +189,7 @@ def main():
     if args.num_eval_envs is None:
         args.num_eval_envs = 8 if backend == "gpu" else 2 * cores
     if args.num_minibatches is None:
-        args.num_minibatches = 32 if backend == "gpu" else 4
+        args.num_minibatches = 32 if backend == "gpu" else 2
     if args.exp_name is None:
         args.exp_name = os.path.splitext(SCRIPT)[0]
     check_args(args, backend)
@@ -206,6 +206,8 @@ def main():
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if backend == "cpu":
+        torch.set_num_threads(1)  # the env workers own the cores; idle OpenMP threads would spin against them
 
     # ---- environments: backend -> expert + residual wrapper ----
     env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend)
@@ -316,7 +318,7 @@ def main():
 
         # ---- rollout ----
         final_values.zero_()
-        action_stats = defaultdict(float)
+        action_stats = defaultdict(float)  # summed as tensors; read once per iteration
         for step in range(args.num_steps):
             global_step += args.num_envs
             obs_buf[step] = next_obs
@@ -332,7 +334,7 @@ def main():
             next_done = (terminations | truncations).to(device, torch.float32)
             rewards[step] = reward.to(device).view(-1) * args.reward_scale
             for k, v in infos.get("action_stats", {}).items():
-                action_stats[k] += v.item() / args.num_steps
+                action_stats[k] += v / args.num_steps
             if "final_info" in infos:
                 done_mask = infos["_final_info"]
                 for k, v in infos["final_info"]["episode"].items():
@@ -423,7 +425,7 @@ def main():
         writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         for k, v in action_stats.items():
-            writer.add_scalar(f"actions/{k}_abs_mean", v, global_step)
+            writer.add_scalar(f"actions/{k}_abs_mean", float(v), global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
         progress.update(batch_size)
         progress.set_postfix(SPS=sps, eval_success=f"{last_eval.get('success_once', float('nan')):.2f}")

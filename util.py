@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import multiprocessing as mp
 import os
+import pickle
 import sys
 import traceback
 from multiprocessing.connection import Connection
@@ -27,7 +28,6 @@ import numpy as np
 import torch
 
 import mani_skill.envs  # noqa: F401  (registers the ManiSkill tasks with gymnasium)
-from mani_skill.utils import common
 from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
 Obs = Union[torch.Tensor, dict]
@@ -182,59 +182,71 @@ def _to_numpy(x) -> np.ndarray:
     return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _cpu_worker(conn: Connection, env_id: str, env_slice: tuple[int, int], ignore_terminations: bool,
-                env_kwargs: dict) -> None:
+def _tensor_infos(info: dict) -> dict:
+    """The per-env tensors of a ManiSkill info dict (drops flags such as ``reconfigure``)."""
+    return {k: v for k, v in info.items() if isinstance(v, torch.Tensor)}
+
+
+# Step requests and replies are single bytes; everything else is a pickled (command, argument) pair.
+_STEP, _OK, _ERROR = b"s", b"k", b"E"
+
+
+def _cpu_worker(conn: Connection, worker_index: int, env_id: str, env_slice: tuple[int, int],
+                ignore_terminations: bool, env_kwargs: dict) -> None:
     """Holds envs[start:stop]; steps them in turn and autoresets them, writing into shared memory."""
-    torch.set_num_threads(1)  # the worker count already matches the cores
+    torch.set_num_threads(1)  # one worker per core already
+    if hasattr(os, "sched_setaffinity"):  # one core each: workers sharing a core stall the whole batch
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[worker_index % len(cpus)]})
     start, stop = env_slice
-    envs = [gym.make(env_id, num_envs=1, sim_backend="physx_cpu", **env_kwargs) for _ in range(start, stop)]
+    envs = []
     try:
+        envs = [gym.make(env_id, num_envs=1, sim_backend="physx_cpu", **env_kwargs) for _ in range(start, stop)]
         obs, info = envs[0].reset(seed=0)
-        flat_obs = _flatten_paths(obs)
         conn.send(dict(
-            obs_layout={k: (tuple(v.shape[1:]), str(_to_numpy(v).dtype)) for k, v in flat_obs.items()},
+            obs_layout={k: (tuple(v.shape[1:]), str(_to_numpy(v).dtype)) for k, v in _flatten_paths(obs).items()},
+            info_layout={k: (tuple(v.shape[1:]), str(_to_numpy(v).dtype)) for k, v in _tensor_infos(info).items()},
             single_action_space=envs[0].unwrapped.single_action_space,
             max_episode_steps=_max_episode_steps(envs[0]),
             control_mode=envs[0].unwrapped.control_mode,
         ))
         shared_name, layout = conn.recv()
         shared = _SharedArrays(layout, name=shared_name)
-        bufs = shared.arrays
+        bufs = {k: torch.from_numpy(v) for k, v in shared.arrays.items()}
+        info_keys = [k[1] for k in layout if k[0] == "info"]
 
-        def write_obs(key: str, i: int, obs: dict) -> None:
+        def write(i: int, obs: dict, key: str = "obs") -> None:
             for path, value in _flatten_paths(obs).items():
-                bufs[(key, path)][i] = _to_numpy(value[0])
+                bufs[(key, path)][i] = value[0]
 
-        def one_env_info(info: dict) -> dict:
-            # copies: ManiSkill may hand out views of tensors that the next reset overwrites
-            return {k: _to_numpy(v)[0].copy() for k, v in info.items() if isinstance(v, torch.Tensor)}
+        def write_info(i: int, info: dict) -> None:
+            for k in info_keys:
+                bufs[("info", k)][i] = info[k][0]
 
         while True:
-            cmd, arg = conn.recv()
-            if cmd == "step":
-                infos, dones = [], []
+            request = conn.recv_bytes()
+            if request == _STEP:
                 for j, env in enumerate(envs):
                     i = start + j
-                    obs, rew, term, trunc, info = env.step(bufs["action"][i])
-                    term, trunc = bool(term[0]), bool(trunc[0])
-                    bufs["reward"][i] = float(rew[0])
-                    bufs["terminated"][i] = term and not ignore_terminations
-                    bufs["truncated"][i] = trunc
-                    done = trunc or (term and not ignore_terminations)
-                    infos.append(one_env_info(info))
-                    dones.append(done)
+                    obs, rew, term, trunc, info = env.step(bufs["action"][i:i + 1])
+                    term = bool(term[0]) and not ignore_terminations
+                    done = term or bool(trunc[0])
+                    bufs["reward"][i], bufs["terminated"][i], bufs["truncated"][i] = rew[0], term, trunc[0]
+                    bufs["done"][i] = done
+                    write_info(i, info)  # before a reset overwrites the tensors it may share
                     if done:
-                        write_obs("final_obs", i, obs)
+                        write(i, obs, "final_obs")
                         obs, _ = env.reset()
-                    write_obs("obs", i, obs)
-                conn.send((infos, dones))
-            elif cmd == "reset":
-                infos = []
+                    write(i, obs)
+                conn.send_bytes(_OK)
+                continue
+            cmd, arg = pickle.loads(request)
+            if cmd == "reset":
                 for j, env in enumerate(envs):
                     obs, info = env.reset(seed=None if arg is None else arg[j])
-                    write_obs("obs", start + j, obs)
-                    infos.append(one_env_info(info))
-                conn.send(infos)
+                    write(start + j, obs)
+                    write_info(start + j, info)
+                conn.send_bytes(_OK)
             elif cmd == "render":
                 conn.send([_to_numpy(env.render())[0] for env in envs])
             elif cmd == "close":
@@ -243,7 +255,7 @@ def _cpu_worker(conn: Connection, env_id: str, env_slice: tuple[int, int], ignor
         pass  # the trainer went away: exit quietly, leaving no orphan
     except Exception:
         try:
-            conn.send(("error", traceback.format_exc()))
+            conn.send_bytes(_ERROR + traceback.format_exc().encode())
         except OSError:
             pass
     finally:
@@ -257,8 +269,8 @@ class CpuVectorEnv:
     """ManiSkillVectorEnv's interface and semantics over CPU worker processes.
 
     ``physx_cpu`` allows one env per process, and one process per env wastes the machine, so each of at
-    most ``cores`` workers holds several envs and steps them in turn. Observations, actions, rewards and
-    flags travel through shared memory; the per-env info dicts (a few scalars) travel through a pipe.
+    most ``cores`` workers holds several envs and steps them in turn. Actions, observations, rewards,
+    flags and info scalars all travel through shared memory; the pipes carry one byte per step.
     """
 
     def __init__(self, env_id: str, num_envs: int, ignore_terminations: bool = False,
@@ -270,92 +282,90 @@ class CpuVectorEnv:
         # how envs are spread over workers; reseeding it from each env's own episode seed makes every
         # episode a function of the seed given to reset() alone.
         env_kwargs.setdefault("enhanced_determinism", True)
-        num_workers = max(1, min(num_envs, num_workers or os.cpu_count() or 1))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        num_workers = max(1, min(num_envs, num_workers or cores))
         bounds = np.linspace(0, num_envs, num_workers + 1).round().astype(int)
         self.slices = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-        ctx = mp.get_context("spawn")  # fork after torch/SAPIEN initialisation is not safe
-        self.conns, self.procs = [], []
-        self.shared = None
-        for env_slice in self.slices:
+        ctx = mp.get_context("spawn")  # forking a process that has initialised SAPIEN or torch is not safe
+        self.conns, self.procs, self.shared = [], [], None
+        for w, env_slice in enumerate(self.slices):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_cpu_worker, args=(child, env_id, env_slice, ignore_terminations, env_kwargs),
+            proc = ctx.Process(target=_cpu_worker, args=(child, w, env_id, env_slice, ignore_terminations, env_kwargs),
                                daemon=True)
             proc.start()
-            child.close()
+            child.close()  # so that a dead worker shows up as EOF on our end
             self.conns.append(parent)
             self.procs.append(proc)
         try:
-            specs = [self._recv(w) for w in range(num_workers)]
+            spec = [self._recv(w) for w in range(num_workers)][0]
         except Exception:
             self.close()
             raise
-        spec = specs[0]
         self.single_action_space = spec["single_action_space"]
         self.max_episode_steps = spec["max_episode_steps"]
         self.control_mode = spec["control_mode"]
         action_dim = int(np.prod(self.single_action_space.shape))
         layout = {"action": ((num_envs, action_dim), "float32"), "reward": ((num_envs,), "float32"),
-                  "terminated": ((num_envs,), "bool"), "truncated": ((num_envs,), "bool")}
+                  "terminated": ((num_envs,), "bool"), "truncated": ((num_envs,), "bool"),
+                  "done": ((num_envs,), "bool")}
         for key in ("obs", "final_obs"):
             for path, (shape, dtype) in spec["obs_layout"].items():
                 layout[(key, path)] = ((num_envs, *shape), dtype)
+        for name, (shape, dtype) in spec["info_layout"].items():
+            layout[("info", name)] = ((num_envs, *shape), dtype)
         self.shared = _SharedArrays(layout)
+        self.buffers = {k: torch.from_numpy(v) for k, v in self.shared.arrays.items()}
         for conn in self.conns:
             conn.send((self.shared.shm.name, layout))
         self._obs_paths = list(spec["obs_layout"])
+        self._info_keys = list(spec["info_layout"])
         self.returns = torch.zeros(num_envs)
         self.success_once = torch.zeros(num_envs, dtype=torch.bool)
         self.fail_once = torch.zeros(num_envs, dtype=torch.bool)
 
     # -- plumbing ------------------------------------------------------------------------------
-    def _recv(self, w: int):
-        conn, proc = self.conns[w], self.procs[w]
-        while not conn.poll(1.0):
-            if not proc.is_alive():
-                a, b = self.slices[w]
-                raise RuntimeError(f"CPU env worker {w} (envs {a}..{b - 1}) died with exit code {proc.exitcode}")
+    def _recv(self, w: int, raw: bool = False):
         try:
-            msg = conn.recv()
-        except EOFError:
+            msg = self.conns[w].recv_bytes()
+        except (EOFError, OSError):
             a, b = self.slices[w]
-            raise RuntimeError(f"CPU env worker {w} (envs {a}..{b - 1}) closed its pipe") from None
-        if isinstance(msg, tuple) and len(msg) == 2 and msg[0] == "error":
-            raise RuntimeError(f"CPU env worker {w} failed:\n{msg[1]}")
-        return msg
+            self.procs[w].join(timeout=1)
+            raise RuntimeError(f"CPU env worker {w} (envs {a}..{b - 1}) died "
+                               f"(exit code {self.procs[w].exitcode})") from None
+        if msg.startswith(_ERROR):
+            raise RuntimeError(f"CPU env worker {w} failed:\n{msg[1:].decode()}")
+        return msg if raw else pickle.loads(msg)
 
-    def _broadcast(self, cmd: str, args: Optional[list] = None) -> list:
+    def _request(self, cmd: str, args: Optional[list] = None) -> list:
         for w, conn in enumerate(self.conns):
             conn.send((cmd, None if args is None else args[w]))
-        return [self._recv(w) for w in range(len(self.conns))]
+        return [self._recv(w, raw=cmd == "reset") for w in range(len(self.conns))]
 
-    def _obs(self, key: str) -> dict:
-        return _unflatten_paths({p: torch.from_numpy(self.shared.arrays[(key, p)].copy()) for p in self._obs_paths})
+    def _read(self, key: str) -> dict:
+        return _unflatten_paths({p: self.buffers[(key, p)].clone() for p in self._obs_paths})
 
-    @staticmethod
-    def _stack_infos(infos: list[dict]) -> dict:
-        return {k: torch.from_numpy(np.stack([info[k] for info in infos])) for k in infos[0]}
+    def _read_info(self) -> dict:
+        return {k: self.buffers[("info", k)].clone() for k in self._info_keys}
 
     # -- the ManiSkillVectorEnv interface ------------------------------------------------------
     def reset(self, *, seed: Union[None, int, list[int]] = None, options: Optional[dict] = None):
         seeds = None if seed is None else _episode_seeds(seed, self.num_envs)
-        per_worker = None if seeds is None else [seeds[a:b] for a, b in self.slices]
-        infos = [i for part in self._broadcast("reset", per_worker) for i in part]
+        self._request("reset", None if seeds is None else [seeds[a:b] for a, b in self.slices])
         self.returns.zero_()
         self.success_once.zero_()
         self.fail_once.zero_()
-        return self._obs("obs"), self._stack_infos(infos)
+        return self._read("obs"), self._read_info()
 
     def step(self, actions: torch.Tensor):
-        self.shared.arrays["action"][:] = actions.detach().to("cpu", torch.float32).reshape(self.num_envs, -1).numpy()
-        infos, dones = [], []
-        for part_infos, part_dones in self._broadcast("step"):
-            infos += part_infos
-            dones += part_dones
-        arrays = self.shared.arrays
-        rew = torch.from_numpy(arrays["reward"].copy())
-        terminations = torch.from_numpy(arrays["terminated"].copy())
-        truncations = torch.from_numpy(arrays["truncated"].copy())
-        info = self._stack_infos(infos)
+        self.buffers["action"].copy_(actions.detach().reshape(self.num_envs, -1))
+        for conn in self.conns:
+            conn.send_bytes(_STEP)
+        for w in range(len(self.conns)):
+            self._recv(w, raw=True)
+        rew = self.buffers["reward"].clone()
+        terminations = self.buffers["terminated"].clone()
+        truncations = self.buffers["truncated"].clone()
+        info = self._read_info()
 
         # episode metrics, exactly as ManiSkillVectorEnv(record_metrics=True) computes them
         episode = {}
@@ -375,14 +385,13 @@ class CpuVectorEnv:
                     episode[f"{key}_at_end"] = info[key].clone()
         info["episode"] = episode
 
-        obs = self._obs("obs")
-        done = torch.tensor(dones)
+        obs = self._read("obs")
+        done = self.buffers["done"].clone()
         if done.any():
             # the workers already reset the finished envs (same-step autoreset)
-            final_obs = self._obs("final_obs")
-            for path in self._obs_paths:  # envs that did not finish: their final obs is their obs
-                final_leaf, leaf = _get_path(final_obs, path), _get_path(obs, path)
-                final_leaf[~done] = leaf[~done]
+            final_obs = _unflatten_paths({
+                p: torch.where(_expand_as(done, leaf), leaf, _get_path(obs, p))
+                for p in self._obs_paths for leaf in [self.buffers[("final_obs", p)]]})
             self.returns[done] = 0
             self.success_once[done] = False
             self.fail_once[done] = False
@@ -391,7 +400,7 @@ class CpuVectorEnv:
         return obs, rew, terminations, truncations, info
 
     def render(self) -> torch.Tensor:
-        frames = [f for part in self._broadcast("render") for f in part]
+        frames = [f for part in self._request("render") for f in part]
         return torch.from_numpy(np.stack(frames))
 
     def close(self) -> None:
@@ -407,12 +416,17 @@ class CpuVectorEnv:
                 proc.join()
         self.conns, self.procs = [], []
         if self.shared is not None:
+            self.buffers = {}
             self.shared.close()
             self.shared = None
 
     def __del__(self):
         if getattr(self, "procs", None):
             self.close()
+
+
+def _expand_as(mask: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, *([1] * (leaf.dim() - 1)))
 
 
 def _get_path(tree: dict, path: tuple):
@@ -425,8 +439,10 @@ def _get_path(tree: dict, path: tuple):
 # Expert + residual
 # ----------------------------------------------------------------------------------------------
 def flat_state(obs: dict) -> torch.Tensor:
-    """The policy observation for state scripts: ManiSkill's ``state`` obs, i.e. the flattened ``state_dict``."""
-    return common.flatten_state_dict(obs, use_torch=True)
+    """The policy observation of the state scripts: ManiSkill's ``state`` obs, i.e. the ``state_dict``
+    leaves in order, each flattened per env and cast to float (what ``common.flatten_state_dict`` gives)."""
+    leaves = _flatten_paths(obs).values()
+    return torch.cat([leaf.reshape(leaf.shape[0], -1).float() for leaf in leaves], dim=1)
 
 
 class ExpertResidualWrapper:
@@ -507,13 +523,13 @@ class ExpertResidualWrapper:
 
     def step(self, residual: torch.Tensor):
         residual = residual.to(self.device)
-        action = self.expert_action + self.residual_scale * residual
+        action = torch.add(self.expert_action, residual, alpha=self.residual_scale)
         if self.clip_final_action:
             action = torch.clamp(action, self.low, self.high)
         obs, reward, terminated, truncated, info = self.env.step(action)
         if self.track_action_stats:
-            info["action_stats"] = dict(expert=self.expert_action.abs().mean(), residual=residual.abs().mean(),
-                                        final=action.abs().mean())
+            expert_abs, residual_abs, final_abs = torch.stack([self.expert_action, residual, action]).abs().mean((1, 2))
+            info["action_stats"] = dict(expert=expert_abs, residual=residual_abs, final=final_abs)
         if "final_observation" in info:
             final_obs = info["final_observation"]
             info["final_observation"] = self._policy_obs(final_obs, self._expert(final_obs, noise=False))

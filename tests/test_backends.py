@@ -127,3 +127,19 @@ def test_bad_sizes_and_ids_are_usage_errors():
         util.make_env(ENV_ID, 0, sim_backend="cpu")
     with pytest.raises(util.UsageError, match="PickCube-v1"):
         util.make_env("PickCub-v1", 1, sim_backend="cpu")
+
+
+def test_flat_state_is_maniskills_state_observation():
+    kw = dict(num_envs=1, sim_backend="physx_cpu", control_mode="pd_joint_delta_pos")
+    structured = gym.make(ENV_ID, obs_mode="state_dict", **kw)
+    flat_env = gym.make(ENV_ID, obs_mode="state", **kw)
+    action = torch.full((1, 8), 0.3)
+    for env in (structured, flat_env):
+        env.reset(seed=11)
+    for _ in range(3):
+        obs_dict = structured.step(action)[0]
+        obs_flat = flat_env.step(action)[0]
+    assert obs_dict["extra"]["is_grasped"].dtype == torch.bool  # a leaf that must be cast
+    torch.testing.assert_close(util.flat_state(obs_dict), obs_flat)
+    structured.close()
+    flat_env.close()

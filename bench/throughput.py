@@ -1,0 +1,151 @@
+"""Env and training throughput on this machine (a benchmark, not a test).
+
+Measures, on one task with state observations and random actions:
+  single_env_sps        one physx_cpu env stepped in this process
+  cpu_vec_sps           util.CpuVectorEnv with --num-envs envs
+  maniskill_recipe_sps  ManiSkill's documented CPU recipe: gymnasium AsyncVectorEnv, one env per process,
+                        each in CPUGymWrapper, with --num-envs envs
+  wrapped_zero_sps      CpuVectorEnv under ExpertResidualWrapper with the zero expert
+  train_sps             ppo.py training (rollout + update, evaluation excluded) on the CPU backend
+
+Prints a table, checks the targets, and writes JSON to --out.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import gymnasium as gym
+import torch
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import util  # noqa: E402
+from experts import ZeroExpert  # noqa: E402
+
+
+@dataclass
+class Args:
+    out: str = "bench/out/throughput.json"
+    """where to write the JSON results"""
+    env_id: str = "PickCube-v1"
+    """the task to step"""
+    control_mode: str = "pd_joint_delta_pos"
+    """the control mode of the robot"""
+    num_envs: int = 8
+    """envs for the vectorized measurements"""
+    steps: int = 600
+    """batched steps per vectorized measurement (single env: steps x num_envs / 4)"""
+    train_timesteps: int = 24_000
+    """env steps of the ppo.py run"""
+
+
+def timed_steps(step, num_steps: int, batch: int) -> float:
+    for _ in range(10):  # warm-up
+        step()
+    start = time.perf_counter()
+    for _ in range(num_steps):
+        step()
+    return num_steps * batch / (time.perf_counter() - start)
+
+
+def single_env_sps(args: Args) -> float:
+    env = gym.make(args.env_id, num_envs=1, sim_backend="physx_cpu", obs_mode="state_dict",
+                   control_mode=args.control_mode)
+    env.reset(seed=0)
+
+    def step():
+        _, _, term, trunc, _ = env.step(env.action_space.sample())
+        if term.any() or trunc.any():
+            env.reset()
+
+    sps = timed_steps(step, args.steps * args.num_envs // 4, 1)
+    env.close()
+    return sps
+
+
+def vector_sps(env, args: Args) -> tuple[float, float]:
+    """SPS of the backend alone and under the wrapper with the zero expert, measured in alternating rounds
+    on the same envs, so that drift in the machine's speed does not bias their ratio."""
+    wrapped = util.ExpertResidualWrapper(env, ZeroExpert(env.single_action_space.shape[0]))
+    wrapped.reset(seed=0)
+    action_dim = env.single_action_space.shape[0]
+    rounds, raw, wrap = 4, [], []
+    for _ in range(rounds):
+        raw.append(timed_steps(lambda: env.step(torch.rand(args.num_envs, action_dim) * 2 - 1),
+                               args.steps // rounds, args.num_envs))
+        wrap.append(timed_steps(lambda: wrapped.step(torch.rand(args.num_envs, action_dim) * 2 - 1),
+                                args.steps // rounds, args.num_envs))
+    env.close()
+    return len(raw) / sum(1 / x for x in raw), len(wrap) / sum(1 / x for x in wrap)  # equal step counts
+
+
+def _recipe_thunk(env_id: str, control_mode: str):
+    def thunk():
+        from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
+
+        import mani_skill.envs  # noqa: F401
+
+        return CPUGymWrapper(gym.make(env_id, obs_mode="state", control_mode=control_mode))
+    return thunk
+
+
+def maniskill_recipe_sps(args: Args) -> float:
+    # spawn: forking a process that has already initialised SAPIEN hangs the children
+    env = gym.vector.AsyncVectorEnv([_recipe_thunk(args.env_id, args.control_mode) for _ in range(args.num_envs)],
+                                    context="spawn")
+    env.reset(seed=0)
+    sps = timed_steps(lambda: env.step(env.action_space.sample()), args.steps, args.num_envs)
+    env.close()
+    return sps
+
+
+def train_sps(args: Args) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "ppo.py", "--sim-backend", "cpu", "--env-id", args.env_id, "--num-envs",
+               str(args.num_envs), "--total-timesteps", str(args.train_timesteps), "--eval-freq", "100000",
+               "--no-capture-video", "--no-save-model", "--num-eval-envs", "1", "--output-dir", out]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        (run,) = os.listdir(out)
+        return json.load(open(os.path.join(out, run, "summary.json")))["train_sps"]
+
+
+def main():
+    args = tyro.cli(Args)
+    kw = dict(control_mode=args.control_mode)
+    results = dict(cores=os.cpu_count(), num_envs=args.num_envs, env_id=args.env_id)
+    results["single_env_sps"] = single_env_sps(args)
+    results["cpu_vec_sps"], results["wrapped_zero_sps"] = vector_sps(
+        util.make_env(args.env_id, args.num_envs, "cpu", **kw), args)
+    results["maniskill_recipe_sps"] = maniskill_recipe_sps(args)
+    results["train_sps"] = train_sps(args)
+
+    r, cores = results, results["cores"]
+    targets = [
+        ("cpu_vec_sps >= 0.9 x cores x single_env_sps", r["cpu_vec_sps"] / (cores * r["single_env_sps"]), 0.9),
+        ("cpu_vec_sps >= 2.5 x maniskill_recipe_sps", r["cpu_vec_sps"] / r["maniskill_recipe_sps"], 2.5),
+        ("wrapped_zero_sps >= 0.97 x cpu_vec_sps", r["wrapped_zero_sps"] / r["cpu_vec_sps"], 0.97),
+        ("train_sps >= 0.75 x cpu_vec_sps", r["train_sps"] / r["cpu_vec_sps"], 0.75),
+    ]
+    print(f"\n{args.env_id}, state, {args.control_mode}, {args.num_envs} envs, {cores} cores")
+    print(f"{'measurement':<24}{'env steps/s':>14}")
+    for key in ("single_env_sps", "cpu_vec_sps", "maniskill_recipe_sps", "wrapped_zero_sps", "train_sps"):
+        print(f"{key:<24}{r[key]:>14.0f}")
+    print(f"\n{'target':<48}{'ratio':>8}  met")
+    results["targets"] = {}
+    for name, ratio, need in targets:
+        print(f"{name:<48}{ratio:>8.2f}  {'yes' if ratio >= need else 'NO'}")
+        results["targets"][name] = dict(ratio=ratio, met=ratio >= need)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
