@@ -3,17 +3,26 @@
 Every expert satisfies one interface, ``expert(obs: dict) -> torch.Tensor``, where ``obs`` is the
 ``state_dict`` observation the backend returned (``{"agent": {...}, "extra": {...}}``, batched tensors).
 ``ExpertResidualWrapper`` calls it once per step; any plain function with that signature works too.
+
+- ``ZeroExpert``: no prior; the residual is the whole action.
+- ``IKExpert``: a scripted Cartesian controller per task, in the env's control mode.
+- ``ModelExpert``: a policy from a checkpoint of these scripts, acting deterministically.
+- custom: ``load_expert_fn("path/to/file.py:function")`` or ``"package.module:function"``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+import importlib.util
+import os
+from typing import Callable, Optional
 
 import torch
 
-from util import UsageError
+from util import UsageError, check_checkpoint, flat_state, load_checkpoint
 
 ExpertFn = Callable[[dict], torch.Tensor]
+EXPERT_TYPES = ("zero", "ik", "model", "custom")
 
 
 def _batch_size(obs: dict) -> tuple[int, torch.device]:
@@ -34,18 +43,262 @@ class ZeroExpert:
         return torch.zeros(num_envs, self.action_dim, device=device)
 
 
-EXPERT_TYPES = ("zero",)
+# ----------------------------------------------------------------------------------------------
+# IK expert: task plans give a TCP displacement and a gripper command; the output stage maps them
+# to the control mode.
+# ----------------------------------------------------------------------------------------------
+CUBE_HALF = 0.02  # half the edge of the cubes in the supported tasks (m)
+HOVER = 0.05  # clearance above an object before descending onto it (m)
+ALIGN_TOL = 0.01  # xy distance under which the gripper counts as above its target (m)
+OPEN, CLOSED = 1.0, -1.0
 
 
-def make_expert(expert_type: str, env) -> ExpertFn:
-    """Build the expert named on the command line for a backend env (``util.make_env``)."""
-    action_dim = int(torch.Size(env.single_action_space.shape).numel())
-    if expert_type == "zero":
-        return ZeroExpert(action_dim)
-    raise UsageError(f"unknown expert type '{expert_type}'; valid: {', '.join(EXPERT_TYPES)}")
+def _lift_then_move(tcp: torch.Tensor, dest: torch.Tensor, safe_z: torch.Tensor) -> torch.Tensor:
+    """Waypoint towards ``dest`` that never sweeps low across the table: rise to ``safe_z``, travel
+    above ``dest``, then descend. Small xy errors are fixed at the current height, so the descent does
+    not bounce between rising and sinking."""
+    xy_err = torch.linalg.norm(dest[:, :2] - tcp[:, :2], dim=1)
+    low = (tcp[:, 2] < safe_z - ALIGN_TOL)[:, None]
+    rise = torch.cat([tcp[:, :2], safe_z[:, None]], dim=1)
+    travel = torch.cat([dest[:, :2], safe_z[:, None]], dim=1)
+    shift = torch.cat([dest[:, :2], tcp[:, 2:]], dim=1)
+    off_course = torch.where((xy_err < 3 * ALIGN_TOL)[:, None], shift, rise)
+    waypoint = torch.where(low, off_course, travel)
+    return torch.where((xy_err <= ALIGN_TOL)[:, None], dest, waypoint)
 
 
-def check_expert_type(expert_type: str) -> None:
+def _finger_width(obs: dict) -> torch.Tensor:
+    return obs["agent"]["qpos"][:, 7:9].sum(dim=1)
+
+
+def _pick_and_place(obs: dict, tcp, obj, place, grasped) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hover over the object, descend, close; once grasped, move the object to ``place``."""
+    at_obj = (torch.linalg.norm(obj - tcp, dim=1) < ALIGN_TOL)
+    missed = ~grasped & (_finger_width(obs) < 0.01)  # closed on nothing: open and try again
+    approach = _lift_then_move(tcp, obj, obj[:, 2] + HOVER)
+    carry = tcp + (place - obj)  # move the object, not the TCP, onto the goal
+    dest = torch.where(grasped[:, None], carry, approach)
+    gripper = torch.where(grasped | (at_obj & ~missed), CLOSED, OPEN)
+    dest = torch.where(missed[:, None], torch.cat([tcp[:, :2], tcp[:, 2:] + HOVER], dim=1), dest)
+    return dest - tcp, gripper
+
+
+def _plan_pick_cube(obs: dict):
+    extra = obs["extra"]
+    tcp, obj = extra["tcp_pose"][:, :3], extra["obj_pose"][:, :3]
+    return _pick_and_place(obs, tcp, obj, extra["goal_pos"], extra["is_grasped"].bool())
+
+
+def _plan_stack_cube(obs: dict):
+    extra = obs["extra"]
+    tcp, cube_a, cube_b = extra["tcp_pose"][:, :3], extra["cubeA_pose"][:, :3], extra["cubeB_pose"][:, :3]
+    width = _finger_width(obs)
+    # StackCube exposes no grasp flag: the cube sits between fingers closed to between its edge (4 cm)
+    # and its diagonal (5.7 cm, when its yaw is off the gripper's)
+    grasped = (torch.linalg.norm(cube_a - tcp, dim=1) < 0.015) & (width > 0.03) & (width < 0.058)
+    on_top = cube_b + torch.tensor([0.0, 0.0, 2 * CUBE_HALF], device=tcp.device)
+    above = on_top + torch.tensor([0.0, 0.0, HOVER], device=tcp.device)
+    aligned = torch.linalg.norm(cube_a[:, :2] - cube_b[:, :2], dim=1) < 0.005
+    place = torch.where(aligned[:, None], on_top, above)  # carry high, then lower straight down
+    delta, gripper = _pick_and_place(obs, tcp, cube_a, place, grasped)
+    placed = aligned & ((cube_a[:, 2] - on_top[:, 2]).abs() < 0.005)
+    # on top: let go and hold still
+    return torch.where(placed[:, None], torch.zeros_like(delta), delta), torch.where(placed, OPEN, gripper)
+
+
+def _push_towards_goal(obs: dict, toward: float):
+    """Push (toward=+1) or pull (toward=-1) the cube along x onto the goal, with a closed gripper."""
+    extra = obs["extra"]
+    tcp, obj, goal = extra["tcp_pose"][:, :3], extra["obj_pose"][:, :3], extra["goal_pos"]
+    offset = torch.tensor([toward * (CUBE_HALF + 0.015), 0.0, 0.0], device=tcp.device)
+    contact = obj - offset  # the side of the cube facing away from the goal
+    in_line = ((tcp[:, 1] - obj[:, 1]).abs() < ALIGN_TOL) & (tcp[:, 2] < obj[:, 2] + ALIGN_TOL)
+    behind = toward * (obj[:, 0] - tcp[:, 0]) > CUBE_HALF
+    pushing = in_line & behind
+    push = tcp + torch.cat([goal[:, :2] - obj[:, :2], (obj[:, 2:] - tcp[:, 2:])], dim=1)
+    approach = _lift_then_move(tcp, contact, obj[:, 2] + 2 * CUBE_HALF + HOVER)
+    dest = torch.where(pushing[:, None], push, approach)
+    gripper = torch.full_like(tcp[:, 0], CLOSED)
+    return dest - tcp, gripper
+
+
+TASK_PLANS = {
+    "PickCube-v1": _plan_pick_cube,
+    "StackCube-v1": _plan_stack_cube,
+    "PushCube-v1": lambda obs: _push_towards_goal(obs, +1.0),
+    "PullCube-v1": lambda obs: _push_towards_goal(obs, -1.0),
+}
+IK_CONTROL_MODES = ("pd_ee_delta_pos", "pd_ee_delta_pose", "pd_joint_delta_pos")
+IK_DEFAULT_CONTROL_MODE = "pd_ee_delta_pos"
+EE_STEP = 0.1  # metres per step at action 1 in the Panda's pd_ee_delta_* controllers
+JOINT_STEP = 0.1  # radians per step at action 1 in its pd_joint_delta_pos controller
+
+
+class DifferentialIK:
+    """Batched damped-least-squares IK for the Panda: a TCP displacement -> arm joint displacements.
+
+    The Jacobian comes from pytorch_kinematics (a ManiSkill dependency) on the Panda URDF that ManiSkill
+    ships. The tasks place the robot base without rotation, so base-frame and world-frame displacements
+    agree.
+    """
+
+    def __init__(self, device: torch.device, damping: float = 0.05):
+        import pytorch_kinematics as pk
+        from mani_skill.agents.robots.panda import Panda
+
+        with open(Panda.urdf_path, "rb") as f:
+            self.chain = pk.build_serial_chain_from_urdf(f.read(), end_link_name=Panda.ee_link_name)
+        self.chain = self.chain.to(device=device)
+        self.damping = damping
+
+    def __call__(self, qpos: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+        jac = self.chain.jacobian(qpos[:, :7])[:, :3]  # positional rows, [N, 3, 7]
+        jjt = jac @ jac.transpose(1, 2) + self.damping ** 2 * torch.eye(3, device=qpos.device)
+        return (jac.transpose(1, 2) @ torch.linalg.solve(jjt, displacement[:, :, None]))[:, :, 0]
+
+
+class IKExpert:
+    """A scripted, stateless Cartesian controller for PickCube, PushCube, PullCube and StackCube.
+
+    Each step it derives the task phase from the privileged state (approach, grasp, carry or push,
+    release) and commands the TCP displacement ``gain * error``, where ``error`` is the distance to the
+    phase's waypoint. Gain 1.0 asks for the whole error in one control step (the controllers cap a step
+    at 10 cm); lower gains approach more slowly. Every branch is batched torch, on the obs' device.
+    """
+
+    def __init__(self, env_id: str, control_mode: str, gain: float = 1.0):
+        if env_id not in TASK_PLANS:
+            raise UsageError(f"the IK expert has no plan for {env_id}; supported: {', '.join(TASK_PLANS)}")
+        if control_mode not in IK_CONTROL_MODES:
+            raise UsageError(f"the IK expert cannot act in control mode {control_mode}; "
+                             f"supported: {', '.join(IK_CONTROL_MODES)}")
+        if gain <= 0:
+            raise UsageError(f"--ik-gain must be > 0, got {gain}")
+        self.plan, self.control_mode, self.gain = TASK_PLANS[env_id], control_mode, gain
+        self.ik: Optional[DifferentialIK] = None
+
+    def __call__(self, obs: dict) -> torch.Tensor:
+        displacement, gripper = self.plan(obs)
+        displacement = self.gain * displacement
+        if self.control_mode == "pd_joint_delta_pos":
+            if self.ik is None:
+                self.ik = DifferentialIK(displacement.device)
+            dq = self.ik(obs["agent"]["qpos"], displacement) / JOINT_STEP
+            # scale the whole vector (not per joint) so the direction survives the action bounds
+            arm = dq / dq.abs().amax(dim=1, keepdim=True).clamp(min=1.0)
+        else:
+            move = displacement / EE_STEP
+            arm = move / torch.linalg.norm(move, dim=1, keepdim=True).clamp(min=1.0)
+            if self.control_mode == "pd_ee_delta_pose":
+                arm = torch.cat([arm, torch.zeros_like(arm)], dim=1)  # keep the orientation
+        return torch.cat([arm, gripper[:, None]], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model expert
+# ----------------------------------------------------------------------------------------------
+# network name in a checkpoint -> (script module, class) that rebuilds it
+NETWORKS = {"mlp-state": ("ppo", "Agent")}
+
+
+class ModelExpert:
+    """The deterministic policy of a checkpoint written by these scripts.
+
+    It executes what the trained system would: ``clip(inner_expert + scale * actor_mean)``, where the
+    inner expert is rebuilt from the checkpoint's own metadata (e.g. the IK expert it was trained on).
+    """
+
+    def __init__(self, path: str, env_id: str, env):
+        device = torch.device(env.device)
+        payload = load_checkpoint(path, map_location=device)
+        meta = payload["meta"]
+        action_dim = int(env.single_action_space.shape[0])
+        check_checkpoint(payload, path, env_id=env_id, control_mode=env.control_mode, action_dim=action_dim)
+        if meta.get("network") not in NETWORKS:
+            raise UsageError(f"checkpoint '{path}' holds network {meta.get('network')} (written by "
+                             f"{meta.get('script')}); the model expert rebuilds {', '.join(NETWORKS)}")
+        module, name = NETWORKS[meta["network"]]
+        agent = getattr(importlib.import_module(module), name)(meta["obs_dim"], meta["action_dim"])
+        agent.load_state_dict(payload["model"])
+        self.actor = agent.actor_mean.to(device).eval()
+        train_args = meta["args"]
+        self.inner = make_expert(train_args["expert_type"], env_id, env, ik_gain=train_args.get("ik_gain", 1.0),
+                                 model_path=train_args.get("model_path"), expert_fn=train_args.get("expert_fn"))
+        self.scale = meta["residual_scale"]
+        self.state_dim = meta["obs_dim"] - meta["action_dim"]
+        self.path, self.env_id = path, env_id
+        self.low = torch.as_tensor(env.single_action_space.low, device=device)
+        self.high = torch.as_tensor(env.single_action_space.high, device=device)
+
+    @torch.no_grad()
+    def __call__(self, obs: dict) -> torch.Tensor:
+        state = flat_state(obs)
+        if state.shape[1] != self.state_dim:
+            raise UsageError(f"checkpoint '{self.path}' was trained on {self.state_dim}-dim states but "
+                             f"{self.env_id} gives {state.shape[1]}")
+        base = self.inner(obs)
+        residual = self.actor(torch.cat([state, base], dim=1))
+        return torch.clamp(base + self.scale * residual, self.low, self.high)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom experts and the factory
+# ----------------------------------------------------------------------------------------------
+def load_expert_fn(spec: str) -> ExpertFn:
+    """``path/to/file.py:function`` or ``package.module:function`` -> the function."""
+    source, sep, name = spec.rpartition(":")
+    if not sep or not source or not name:
+        raise UsageError(f"--expert-fn must look like path/to/file.py:function or module:function, got '{spec}'")
+    try:
+        if source.endswith(".py"):
+            if not os.path.isfile(source):
+                raise UsageError(f"--expert-fn: no file '{source}'")
+            module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(source))[0], source)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(source)
+    except UsageError:
+        raise
+    except Exception as err:
+        raise UsageError(f"--expert-fn: cannot import '{source}' ({type(err).__name__}: {err})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UsageError(f"--expert-fn: '{source}' has no function '{name}'")
+    return fn
+
+
+def default_control_mode(expert_type: str) -> str:
+    """The control mode a run uses when --control-mode is not given."""
+    return IK_DEFAULT_CONTROL_MODE if expert_type == "ik" else "pd_joint_delta_pos"
+
+
+def check_expert_args(expert_type: str, env_id: str, control_mode: str, model_path: Optional[str],
+                      expert_fn: Optional[str]) -> None:
     """Fail before any env is built or anything is written."""
     if expert_type not in EXPERT_TYPES:
         raise UsageError(f"unknown expert type '{expert_type}'; valid: {', '.join(EXPERT_TYPES)}")
+    if expert_type == "ik":
+        IKExpert(env_id, control_mode)
+    if expert_type == "model":
+        if not model_path:
+            raise UsageError("--expert-type model needs --model-path CHECKPOINT")
+        check_checkpoint(load_checkpoint(model_path), model_path, env_id=env_id, control_mode=control_mode)
+    if expert_type == "custom":
+        if not expert_fn:
+            raise UsageError("--expert-type custom needs --expert-fn path/to/file.py:function")
+        load_expert_fn(expert_fn)
+
+
+def make_expert(expert_type: str, env_id: str, env, ik_gain: float = 1.0, model_path: Optional[str] = None,
+                expert_fn: Optional[str] = None) -> ExpertFn:
+    """Build the expert named on the command line for a backend env (``util.make_env``)."""
+    if expert_type == "zero":
+        return ZeroExpert(int(env.single_action_space.shape[0]))
+    if expert_type == "ik":
+        return IKExpert(env_id, env.control_mode, ik_gain)
+    if expert_type == "model":
+        return ModelExpert(model_path, env_id, env)
+    if expert_type == "custom":
+        return load_expert_fn(expert_fn)
+    raise UsageError(f"unknown expert type '{expert_type}'; valid: {', '.join(EXPERT_TYPES)}")

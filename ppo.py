@@ -59,12 +59,18 @@ class Args:
     # Environment and expert
     env_id: str = "PickCube-v1"
     """the ManiSkill task id"""
-    control_mode: Optional[str] = "pd_joint_delta_pos"
-    """the robot's control mode (None: the task's default)"""
+    control_mode: Optional[str] = None
+    """the robot's control mode (default: pd_ee_delta_pos with the IK expert, else pd_joint_delta_pos)"""
     sim_backend: str = "auto"
     """auto | gpu | cpu: gpu is ManiSkill's physx_cuda simulation, cpu our multi-process backend"""
     expert_type: str = "zero"
-    """the expert the residual corrects (see experts.py)"""
+    """the expert the residual corrects: zero | ik | model | custom"""
+    ik_gain: float = 1.0
+    """IK expert gain: 1.0 asks for the whole position error in one control step"""
+    model_path: Optional[str] = None
+    """checkpoint of these scripts to act as the expert (--expert-type model)"""
+    expert_fn: Optional[str] = None
+    """path/to/file.py:function or module:function, obs -> action (--expert-type custom)"""
     residual_scale: float = 1.0
     """the executed action is clip(expert + residual_scale * residual)"""
     expert_action_noise: float = 0.0
@@ -161,7 +167,7 @@ class Agent(nn.Module):
 def check_args(args: Args, backend: str) -> None:
     """Reject bad input before any env is built or anything is written."""
     util.check_env_id(args.env_id)
-    experts.check_expert_type(args.expert_type)
+    experts.check_expert_args(args.expert_type, args.env_id, args.control_mode, args.model_path, args.expert_fn)
     if args.evaluate and args.checkpoint is None:
         raise util.UsageError("--evaluate needs --checkpoint PATH")
     if args.num_envs < 1 or args.num_eval_envs < 1:
@@ -192,10 +198,14 @@ def main():
         args.num_minibatches = 32 if backend == "gpu" else 2
     if args.exp_name is None:
         args.exp_name = os.path.splitext(SCRIPT)[0]
+    chosen_control_mode = args.control_mode is None
+    if chosen_control_mode:
+        args.control_mode = experts.default_control_mode(args.expert_type)
     check_args(args, backend)
     checkpoint = util.load_checkpoint(args.checkpoint) if args.checkpoint else None
     if checkpoint is not None:
-        util.check_checkpoint(checkpoint, args.checkpoint, network=NETWORK, env_id=args.env_id)
+        util.check_checkpoint(checkpoint, args.checkpoint, network=NETWORK, env_id=args.env_id,
+                              expert_type=args.expert_type)
 
     batch_size = args.num_envs * args.num_steps
     minibatch_size = batch_size // args.num_minibatches
@@ -212,7 +222,8 @@ def main():
     # ---- environments: backend -> expert + residual wrapper ----
     env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend)
     eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True, **env_kwargs)
-    expert = experts.make_expert(args.expert_type, eval_envs)
+    expert = experts.make_expert(args.expert_type, args.env_id, eval_envs, ik_gain=args.ik_gain,
+                                 model_path=args.model_path, expert_fn=args.expert_fn)
     eval_envs = util.ExpertResidualWrapper(eval_envs, expert, args.residual_scale, args.clip_final_action)
     if not args.evaluate:
         envs = util.ExpertResidualWrapper(
@@ -242,7 +253,8 @@ def main():
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     print(f"backend: {backend} | envs: {'-' if args.evaluate else args.num_envs} train, {args.num_eval_envs} eval | "
-          f"control mode: {eval_envs.control_mode} | expert: {args.expert_type} | device: {device}")
+          f"control mode: {eval_envs.control_mode}{' (chosen for the expert)' if chosen_control_mode else ''} | "
+          f"expert: {args.expert_type} | device: {device}")
     print(f"logs: {run_dir} (tensorboard --logdir {args.output_dir})")
     if args.save_model and not args.evaluate:
         print(f"checkpoints: {run_dir}/ckpt_<iteration>.pt and {run_dir}/final_ckpt.pt")

@@ -486,7 +486,7 @@ class ExpertResidualWrapper:
         self.low = torch.as_tensor(self.single_action_space.low, device=self.device, dtype=torch.float32)
         self.high = torch.as_tensor(self.single_action_space.high, device=self.device, dtype=torch.float32)
         if expert_policy_fn is None:
-            from experts import ZeroExpert
+            from experts import ZeroExpert  # experts.py imports this module
 
             expert_policy_fn = ZeroExpert(self.action_dim)
         self.expert = expert_policy_fn

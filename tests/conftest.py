@@ -1,5 +1,28 @@
+import glob
 import os
+import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# a ppo.py run small enough for CI: 2 CPU envs, 4 iterations of 8 steps, an eval (and video) every iteration
+TINY = ["--sim-backend", "cpu", "--num-envs", "2", "--num-eval-envs", "1", "--num-steps", "8",
+        "--num-minibatches", "2", "--total-timesteps", "32", "--eval-freq", "1"]
+
+
+def run_script(script, args, cwd, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One tiny ppo.py training run shared by the tests: (run directory, finished process)."""
+    out = tmp_path_factory.mktemp("runs")
+    proc = run_script("ppo.py", [*TINY, "--output-dir", str(out)], cwd=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = glob.glob(str(out / "PickCube-v1__ppo__1__*"))
+    return run_dir, proc

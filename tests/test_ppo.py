@@ -3,29 +3,15 @@
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--sim-backend", "cpu", "--num-envs", "2", "--num-eval-envs", "1", "--num-steps", "8",
-        "--num-minibatches", "2", "--total-timesteps", "32", "--eval-freq", "1"]
+from conftest import TINY, run_script
 
 
 def run(args, cwd):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "ppo.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    proc = run([*TINY, "--output-dir", str(out)], cwd=out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = glob.glob(str(out / "PickCube-v1__ppo__1__*"))
-    return run_dir, proc
+    return run_script("ppo.py", args, cwd)
 
 
 def test_training_writes_checkpoint_events_and_video(trained):
@@ -68,6 +54,11 @@ BAD_INPUTS = [
     (["--num-minibatches", "3"], "does not divide"),
     (["--residual-scale", "-0.5"], "--residual-scale"),
     (["--expert-type", "oracle"], "unknown expert type 'oracle'"),
+    (["--expert-type", "ik", "--env-id", "PegInsertionSide-v1"], "supported: PickCube-v1"),
+    (["--expert-type", "ik", "--control-mode", "pd_joint_pos"], "cannot act in control mode pd_joint_pos"),
+    (["--expert-type", "model"], "needs --model-path"),
+    (["--expert-type", "model", "--model-path", "nowhere.pt"], "does not exist"),
+    (["--expert-type", "custom", "--expert-fn", "nowhere.py:act"], "no file 'nowhere.py'"),
     (["--evaluate", "--checkpoint", "missing.pt"], "does not exist"),
 ]
 

@@ -1,0 +1,113 @@
+"""How well each IK expert solves its task alone (residual zero), and what it costs per step.
+
+For every task and control mode: --episodes episodes on the CPU backend with ignore_terminations, so
+each episode runs to the time limit; success_once and success_at_end come from the backend's episode
+metrics. Then wrapped-env SPS with the IK expert against the zero expert on PickCube-v1.
+Prints a table and writes JSON to --out (keys like "PickCube-v1/pd_ee_delta_pos/success_once").
+"""
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import experts  # noqa: E402
+import util  # noqa: E402
+
+
+@dataclass
+class Args:
+    out: str = "bench/out/experts.json"
+    """where to write the JSON results"""
+    episodes: int = 100
+    """episodes per task and control mode"""
+    num_envs: int = 8
+    """envs of the CPU backend"""
+    tasks: list[str] = field(default_factory=lambda: list(experts.TASK_PLANS))
+    """tasks to run"""
+    control_modes: list[str] = field(default_factory=lambda: ["pd_ee_delta_pos", "pd_joint_delta_pos"])
+    """control modes to run"""
+    ik_gain: float = 1.0
+    """the IK expert's gain"""
+    sps_steps: int = 400
+    """batched steps per SPS measurement"""
+
+
+def success_rates(task: str, mode: str, args: Args) -> dict:
+    env = util.make_env(task, args.num_envs, "cpu", ignore_terminations=True, control_mode=mode)
+    wrapped = util.ExpertResidualWrapper(env, experts.IKExpert(task, mode, args.ik_gain))
+    wrapped.reset(seed=0)
+    zero = torch.zeros(args.num_envs, wrapped.action_dim)
+    rounds = -(-args.episodes // args.num_envs)
+    once, at_end = [], []
+    for _ in range(rounds):
+        for _ in range(wrapped.max_episode_steps):
+            _, _, _, _, info = wrapped.step(zero)
+        episode = info["final_info"]["episode"]
+        once.append(episode["success_once"])
+        at_end.append(episode["success_at_end"])
+    wrapped.close()
+    return dict(success_once=torch.cat(once)[:args.episodes].float().mean().item(),
+                success_at_end=torch.cat(at_end)[:args.episodes].float().mean().item())
+
+
+def overhead(args: Args) -> dict:
+    """Wrapped SPS with the IK expert and with the zero expert on the same envs. The zero-expert run
+    replays the IK run's executed actions as its residual, so both runs simulate the same motion and
+    differ only in the expert's computation."""
+    task, mode = "PickCube-v1", experts.IK_DEFAULT_CONTROL_MODE
+    env = util.make_env(task, args.num_envs, "cpu", control_mode=mode)
+    action_dim = env.single_action_space.shape[0]
+    ik = util.ExpertResidualWrapper(env, experts.IKExpert(task, mode, args.ik_gain))
+    zero = util.ExpertResidualWrapper(env, experts.ZeroExpert(action_dim))
+    no_residual = torch.zeros(args.num_envs, action_dim)
+    steps = args.sps_steps // 4
+    ik.reset(seed=0)
+    replay = []
+    for _ in range(steps):
+        replay.append(ik.expert_action.clone())
+        ik.step(no_residual)
+    seconds = dict(ik=0.0, zero=0.0)
+    for _ in range(4):
+        ik.reset(seed=0)
+        start = time.perf_counter()
+        for _ in range(steps):
+            ik.step(no_residual)
+        seconds["ik"] += time.perf_counter() - start
+        zero.reset(seed=0)
+        start = time.perf_counter()
+        for action in replay:
+            zero.step(action)
+        seconds["zero"] += time.perf_counter() - start
+    env.close()
+    return {f"wrapped_{name}_sps": 4 * steps * args.num_envs / s for name, s in seconds.items()}
+
+
+def main():
+    args = tyro.cli(Args)
+    results = dict(episodes=args.episodes, ik_gain=args.ik_gain, num_envs=args.num_envs)
+    print(f"{'task':<16}{'control mode':<22}{'success_once':>14}{'success_at_end':>16}")
+    for task in args.tasks:
+        for mode in args.control_modes:
+            rates = success_rates(task, mode, args)
+            for k, v in rates.items():
+                results[f"{task}/{mode}/{k}"] = v
+            print(f"{task:<16}{mode:<22}{rates['success_once']:>14.2f}{rates['success_at_end']:>16.2f}")
+    results.update(overhead(args))
+    ratio = results["wrapped_ik_sps"] / results["wrapped_zero_sps"]
+    results["ik_over_zero_sps"] = ratio
+    print(f"\nwrapped SPS, PickCube-v1, pd_ee_delta_pos, {args.num_envs} envs: IK {results['wrapped_ik_sps']:.0f}, "
+          f"zero {results['wrapped_zero_sps']:.0f}, ratio {ratio:.2f} (target >= 0.90)")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

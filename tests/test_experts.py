@@ -1,0 +1,121 @@
+"""The experts on the real simulator: IK success, differential IK direction, model and custom experts."""
+
+import os
+import textwrap
+
+import pytest
+import torch
+
+import experts
+import util
+from conftest import TINY, run_script
+
+
+def ik_successes(task, mode, episodes=10):
+    env = util.make_env(task, episodes, "cpu", ignore_terminations=True, control_mode=mode)
+    wrapped = util.ExpertResidualWrapper(env, experts.IKExpert(task, mode))
+    try:
+        wrapped.reset(seed=123)
+        for _ in range(wrapped.max_episode_steps):
+            _, _, _, _, info = wrapped.step(torch.zeros(episodes, wrapped.action_dim))
+        return int(info["final_info"]["episode"]["success_once"].sum())
+    finally:
+        wrapped.close()
+
+
+@pytest.mark.parametrize("task", list(experts.TASK_PLANS))
+def test_ik_expert_solves_task_in_default_mode(task):
+    assert ik_successes(task, experts.IK_DEFAULT_CONTROL_MODE) >= 8
+
+
+def test_ik_expert_solves_pick_cube_in_joint_mode():
+    assert ik_successes("PickCube-v1", "pd_joint_delta_pos") >= 6
+
+
+def test_differential_ik_moves_tcp_in_commanded_direction():
+    env = util.make_env("PickCube-v1", 1, sim_backend="physx_cpu", control_mode="pd_joint_delta_pos")
+    ik = experts.DifferentialIK(torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    obs, _ = env.reset(seed=0)
+    cosines = []
+    hold = torch.cat([torch.zeros(1, 7), torch.ones(1, 1)], dim=1)
+    for _ in range(12):
+        for _ in range(4):  # come to rest, so that the last motion does not carry over
+            obs, *_ = env.step(hold)
+        direction = torch.nn.functional.normalize(torch.randn(1, 3, generator=g), dim=1)
+        before = obs["extra"]["tcp_pose"][:, :3]
+        for _ in range(3):  # 2 cm per step, the IK re-solved at every step
+            dq = ik(obs["agent"]["qpos"], 0.02 * direction) / experts.JOINT_STEP
+            obs, *_ = env.step(torch.cat([dq.clamp(-1, 1), torch.ones(1, 1)], dim=1))
+        moved = obs["extra"]["tcp_pose"][:, :3] - before
+        cosines.append(torch.nn.functional.cosine_similarity(moved, direction).item())
+    env.close()
+    assert min(cosines) > 0.9, cosines
+
+
+def test_unsupported_task_or_mode_names_the_supported_ones():
+    with pytest.raises(util.UsageError, match="supported: PickCube-v1, StackCube-v1, PushCube-v1, PullCube-v1"):
+        experts.IKExpert("PegInsertionSide-v1", "pd_ee_delta_pos")
+    with pytest.raises(util.UsageError, match="supported: pd_ee_delta_pos, pd_ee_delta_pose, pd_joint_delta_pos"):
+        experts.IKExpert("PickCube-v1", "pd_joint_vel")
+
+
+def test_model_expert_acts_as_the_trained_actor_mean(trained):
+    from ppo import Agent
+
+    run_dir, _ = trained
+    path = os.path.join(run_dir, "final_ckpt.pt")
+    env = util.make_env("PickCube-v1", 2, "cpu", control_mode="pd_joint_delta_pos")
+    try:
+        expert = experts.make_expert("model", "PickCube-v1", env, model_path=path)
+        obs, _ = env.reset(seed=4)
+        for _ in range(3):
+            obs, *_ = env.step(torch.rand(2, 8) * 2 - 1)
+        ckpt = torch.load(path, weights_only=True)
+        agent = Agent(ckpt["meta"]["obs_dim"], ckpt["meta"]["action_dim"])
+        agent.load_state_dict(ckpt["model"])
+        with torch.no_grad():  # trained with the zero expert and residual scale 1
+            mean = agent.get_action(torch.cat([util.flat_state(obs), torch.zeros(2, 8)], dim=1), deterministic=True)
+        torch.testing.assert_close(expert(obs), mean.clamp(-1, 1))
+    finally:
+        env.close()
+
+
+def test_model_expert_refuses_mismatched_and_corrupt_checkpoints(trained, tmp_path):
+    run_dir, _ = trained
+    good = os.path.join(run_dir, "final_ckpt.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(open(good, "rb").read()[:2000])
+    cases = [
+        (["--env-id", "PushCube-v1", "--model-path", good], "env_id=PickCube-v1"),
+        (["--control-mode", "pd_ee_delta_pos", "--model-path", good], "control_mode=pd_joint_delta_pos"),
+        (["--model-path", str(truncated)], "cannot be loaded"),
+    ]
+    for extra, message in cases:
+        proc = run_script("ppo.py", [*TINY, "--expert-type", "model", *extra, "--output-dir", str(tmp_path / "o")],
+                          cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "o").exists()
+
+
+def test_custom_expert_from_file_reaches_the_env(tmp_path):
+    source = tmp_path / "my_expert.py"
+    source.write_text(textwrap.dedent("""
+        import torch
+
+        def lift(obs):
+            n = obs["agent"]["qpos"].shape[0]
+            return torch.tensor([[0.0, 0.0, 0.5, 1.0]]).repeat(n, 1)
+    """))
+    fn = experts.load_expert_fn(f"{source}:lift")
+    env = util.make_env("PickCube-v1", 1, sim_backend="physx_cpu", control_mode="pd_ee_delta_pos")
+    wrapped = util.ExpertResidualWrapper(env, fn)
+    obs, _ = wrapped.reset(seed=0)
+    z0 = env.base_env.agent.tcp.pose.p[0, 2].item()
+    for _ in range(5):
+        obs, *_ = wrapped.step(torch.zeros(1, 4))
+    assert torch.equal(obs[:, -4:], torch.tensor([[0.0, 0.0, 0.5, 1.0]]))
+    assert env.base_env.agent.tcp.pose.p[0, 2].item() > z0 + 0.05, "the expert's lift must move the TCP up"
+    wrapped.close()
+    with pytest.raises(util.UsageError, match="has no function 'drop'"):
+        experts.load_expert_fn(f"{source}:drop")
