@@ -6,9 +6,9 @@ STAMP := $(VENV)/.requirements-installed
 
 # The main job: residual PPO over the IK expert on PickCube-v1 (pd_ee_delta_pos). GPU: ManiSkill's batched simulation with 1024 envs.
 # CPU: our multi-process backend with 4 envs per core, sized to finish in about 15 minutes on 2 cores.
-TRAIN_ARGS ?= --env-id PickCube-v1 --expert-type ik --residual-scale 0.5
+TRAIN_ARGS ?= --env-id PickCube-v1 --expert-type ik --residual-scale 0.2
 TRAIN_GPU_ARGS ?= --sim-backend gpu --num-envs 1024 --total-timesteps 10000000
-TRAIN_CPU_ARGS ?= --sim-backend cpu --total-timesteps 300000 --eval-freq 25
+TRAIN_CPU_ARGS ?= --sim-backend cpu --total-timesteps 300000
 
 .PHONY: setup train test bench clean
 

@@ -351,12 +351,13 @@ def main():
                 done_mask = infos["_final_info"]
                 for k, v in infos["final_info"]["episode"].items():
                     writer.add_scalar(f"train/{k}", v[done_mask].float().mean().item(), global_step)
-                # bootstrap episodes cut by the time limit (not true terminations) from their last observation
-                bootstrap = (done_mask & truncations & ~terminations).to(device)
-                if bootstrap.any():
-                    with torch.no_grad():
-                        final_obs = infos["final_observation"].to(device)
-                        final_values[step, bootstrap] = agent.get_value(final_obs[bootstrap]).flatten()
+                # Bootstrap every finished episode from its last observation. Truncations need it; so do
+                # ManiSkill's terminations, which mark success: without it, ending an episode by succeeding
+                # would forfeit the dense reward still to come, and PPO would learn to avoid success.
+                bootstrap = done_mask.to(device)
+                with torch.no_grad():
+                    final_obs = infos["final_observation"].to(device)
+                    final_values[step, bootstrap] = agent.get_value(final_obs[bootstrap]).flatten()
 
         # ---- advantage (GAE) ----
         with torch.no_grad():

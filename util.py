@@ -117,7 +117,7 @@ class GpuVectorEnv(ManiSkillVectorEnv):
     """ManiSkill's own batched simulation: ``gym.make(num_envs=N, sim_backend=...)`` + ManiSkillVectorEnv."""
 
     def __init__(self, env_id: str, num_envs: int, sim_backend: str, ignore_terminations: bool, **env_kwargs):
-        env = gym.make(env_id, num_envs=num_envs, sim_backend=sim_backend, **env_kwargs)
+        env = _gym_make(env_id, num_envs=num_envs, sim_backend=sim_backend, **env_kwargs)
         super().__init__(env, num_envs, ignore_terminations=ignore_terminations, record_metrics=True)
         self.max_episode_steps = _max_episode_steps(env)
         self.control_mode = self.base_env.control_mode
@@ -188,7 +188,16 @@ def _tensor_infos(info: dict) -> dict:
 
 
 # Step requests and replies are single bytes; everything else is a pickled (command, argument) pair.
-_STEP, _OK, _ERROR = b"s", b"k", b"E"
+_STEP, _OK, _ERROR, _BAD_CONFIG = b"s", b"k", b"E", b"U"
+
+
+def _gym_make(env_id: str, **kwargs) -> gym.Env:
+    """gym.make, with configuration errors (bad control mode, no render device, ...) as one UsageError line."""
+    try:
+        return gym.make(env_id, **kwargs)
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"cannot create {env_id}: {reason}") from None
 
 
 def _cpu_worker(conn: Connection, worker_index: int, env_id: str, env_slice: tuple[int, int],
@@ -201,7 +210,12 @@ def _cpu_worker(conn: Connection, worker_index: int, env_id: str, env_slice: tup
     start, stop = env_slice
     envs = []
     try:
-        envs = [gym.make(env_id, num_envs=1, sim_backend="physx_cpu", **env_kwargs) for _ in range(start, stop)]
+        try:
+            envs = [_gym_make(env_id, num_envs=1, sim_backend="physx_cpu", **env_kwargs)
+                    for _ in range(start, stop)]
+        except UsageError as err:
+            conn.send_bytes(_BAD_CONFIG + str(err).encode())
+            return
         obs, info = envs[0].reset(seed=0)
         conn.send(dict(
             obs_layout={k: (tuple(v.shape[1:]), str(_to_numpy(v).dtype)) for k, v in _flatten_paths(obs).items()},
@@ -334,6 +348,8 @@ class CpuVectorEnv:
                                f"(exit code {self.procs[w].exitcode})") from None
         if msg.startswith(_ERROR):
             raise RuntimeError(f"CPU env worker {w} failed:\n{msg[1:].decode()}")
+        if msg.startswith(_BAD_CONFIG):
+            raise UsageError(msg[1:].decode())
         return msg if raw else pickle.loads(msg)
 
     def _request(self, cmd: str, args: Optional[list] = None) -> list:

@@ -53,6 +53,7 @@ BAD_INPUTS = [
     (["--evaluate"], "--evaluate needs --checkpoint"),
     (["--num-minibatches", "3"], "does not divide"),
     (["--residual-scale", "-0.5"], "--residual-scale"),
+    (["--control-mode", "pd_foo"], "pd_foo not in supported modes"),
     (["--expert-type", "oracle"], "unknown expert type 'oracle'"),
     (["--expert-type", "ik", "--env-id", "PegInsertionSide-v1"], "supported: PickCube-v1"),
     (["--expert-type", "ik", "--control-mode", "pd_joint_pos"], "cannot act in control mode pd_joint_pos"),
