@@ -308,7 +308,8 @@ def main():
     values = torch.zeros((args.num_steps, args.num_envs), device=device)
     final_values = torch.zeros((args.num_steps, args.num_envs), device=device)
 
-    global_step, train_time, last_eval = 0, 0.0, {}
+    global_step, last_eval = 0, {}
+    seconds = dict(rollout=0.0, env_step=0.0, update=0.0)  # training time, evaluation excluded
     next_obs, _ = envs.reset(seed=args.seed)
     next_obs = next_obs.to(device)
     next_done = torch.zeros(args.num_envs, device=device)
@@ -341,7 +342,9 @@ def main():
             actions[step] = action
             logprobs[step] = logprob
 
+            env_step_start = time.time()
             next_obs, reward, terminations, truncations, infos = envs.step(action)
+            seconds["env_step"] += time.time() - env_step_start
             next_obs = next_obs.to(device)
             next_done = (terminations | truncations).to(device, torch.float32)
             rewards[step] = reward.to(device).view(-1) * args.reward_scale
@@ -358,6 +361,9 @@ def main():
                 with torch.no_grad():
                     final_obs = infos["final_observation"].to(device)
                     final_values[step, bootstrap] = agent.get_value(final_obs[bootstrap]).flatten()
+
+        seconds["rollout"] += time.time() - iteration_start
+        update_start = time.time()
 
         # ---- advantage (GAE) ----
         with torch.no_grad():
@@ -424,8 +430,8 @@ def main():
                 break
 
         # ---- log ----
-        train_time += time.time() - iteration_start
-        sps = int(global_step / train_time)
+        seconds["update"] += time.time() - update_start
+        sps = int(global_step / (seconds["rollout"] + seconds["update"]))
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
@@ -440,6 +446,8 @@ def main():
         for k, v in action_stats.items():
             writer.add_scalar(f"actions/{k}_abs_mean", float(v), global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
+        for k, v in seconds.items():
+            writer.add_scalar(f"time/{k}_seconds", v, global_step)
         progress.update(batch_size)
         progress.set_postfix(SPS=sps, eval_success=f"{last_eval.get('success_once', float('nan')):.2f}")
 
@@ -453,7 +461,8 @@ def main():
         save(os.path.join(run_dir, "final_ckpt.pt"))
         print(f"saved {run_dir}/final_ckpt.pt")
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(dict(global_step=global_step, train_sps=global_step / train_time, eval=last_eval), f, indent=2)
+        json.dump(dict(global_step=global_step, train_sps=global_step / (seconds["rollout"] + seconds["update"]),
+                       seconds=seconds, eval=last_eval), f, indent=2)
     writer.close()
     envs.close()
     eval_envs.close()

@@ -7,6 +7,7 @@ Measures, on one task with state observations and random actions:
                         each in CPUGymWrapper, with --num-envs envs
   wrapped_zero_sps      CpuVectorEnv under ExpertResidualWrapper with the zero expert
   train_sps             ppo.py training (rollout + update, evaluation excluded) on the CPU backend
+  train_env_step_sps    the same run's env steps per second spent inside envs.step (wrapper included)
 
 Prints a table, checks the targets, and writes JSON to --out.
 """
@@ -104,7 +105,7 @@ def maniskill_recipe_sps(args: Args) -> float:
     return sps
 
 
-def train_sps(args: Args) -> float:
+def train_sps(args: Args) -> tuple[float, dict]:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "ppo.py", "--sim-backend", "cpu", "--env-id", args.env_id, "--num-envs",
                str(args.num_envs), "--total-timesteps", str(args.train_timesteps), "--eval-freq", "100000",
@@ -112,7 +113,8 @@ def train_sps(args: Args) -> float:
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         (run,) = os.listdir(out)
-        return json.load(open(os.path.join(out, run, "summary.json")))["train_sps"]
+        summary = json.load(open(os.path.join(out, run, "summary.json")))
+        return summary["train_sps"], summary["seconds"]
 
 
 def main():
@@ -123,7 +125,10 @@ def main():
     results["cpu_vec_sps"], results["wrapped_zero_sps"] = vector_sps(
         util.make_env(args.env_id, args.num_envs, "cpu", **kw), args)
     results["maniskill_recipe_sps"] = maniskill_recipe_sps(args)
-    results["train_sps"] = train_sps(args)
+    results["train_sps"], seconds = train_sps(args)
+    # env steps/s of envs.step inside training: the policy's motions cost the simulator more than random ones
+    results["train_env_step_sps"] = args.train_timesteps / seconds["env_step"]
+    results["train_seconds"] = seconds
 
     r, cores = results, results["cores"]
     targets = [
@@ -134,7 +139,8 @@ def main():
     ]
     print(f"\n{args.env_id}, state, {args.control_mode}, {args.num_envs} envs, {cores} cores")
     print(f"{'measurement':<24}{'env steps/s':>14}")
-    for key in ("single_env_sps", "cpu_vec_sps", "maniskill_recipe_sps", "wrapped_zero_sps", "train_sps"):
+    for key in ("single_env_sps", "cpu_vec_sps", "maniskill_recipe_sps", "wrapped_zero_sps", "train_sps",
+                "train_env_step_sps"):
         print(f"{key:<24}{r[key]:>14.0f}")
     print(f"\n{'target':<48}{'ratio':>8}  met")
     results["targets"] = {}

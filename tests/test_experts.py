@@ -28,8 +28,25 @@ def test_ik_expert_solves_task_in_default_mode(task):
     assert ik_successes(task, experts.IK_DEFAULT_CONTROL_MODE) >= 8
 
 
-def test_ik_expert_solves_pick_cube_in_joint_mode():
-    assert ik_successes("PickCube-v1", "pd_joint_delta_pos") >= 6
+@pytest.mark.parametrize("task", list(experts.TASK_PLANS))
+def test_ik_expert_solves_task_in_joint_mode(task):
+    assert ik_successes(task, "pd_joint_delta_pos") >= 6
+
+
+def test_expert_gets_privileged_state_next_to_camera_images():
+    """The RGB scripts' setup: state_dict+rgb through the CPU backend; the expert reads object poses."""
+    env = util.make_env("PickCube-v1", 2, "cpu", obs_mode="state_dict+rgb", control_mode="pd_ee_delta_pos")
+    try:
+        obs, _ = env.reset(seed=0)
+        rgb = obs["sensor_data"]["base_camera"]["rgb"]
+        assert rgb.dtype == torch.uint8 and rgb.shape == (2, 128, 128, 3) and rgb.float().std() > 0
+        assert "obj_pose" in obs["extra"]
+        action = experts.IKExpert("PickCube-v1", "pd_ee_delta_pos")(obs)
+        assert action.shape == (2, 4)
+        obs, *_ = env.step(action)
+        assert obs["sensor_data"]["base_camera"]["rgb"].shape == (2, 128, 128, 3)
+    finally:
+        env.close()
 
 
 def test_differential_ik_moves_tcp_in_commanded_direction():
