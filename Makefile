@@ -32,6 +32,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/throughput.py --out bench/out/throughput.json
+	$(PY) bench/experts.py --out bench/out/experts.json
 
 clean:
 	rm -rf $(VENV) runs bench/out

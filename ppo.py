@@ -216,8 +216,9 @@ def main():
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if backend == "cpu":
-        torch.set_num_threads(1)  # the env workers own the cores; idle OpenMP threads would spin against them
+    # On the CPU backend the env workers own the cores while they step, and idle OpenMP threads would
+    # spin against them, so the rollout runs single-threaded; the update, while the workers wait, uses all.
+    rollout_threads, update_threads = (1, torch.get_num_threads()) if backend == "cpu" else (None, None)
 
     # ---- environments: backend -> expert + residual wrapper ----
     env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend)
@@ -316,6 +317,8 @@ def main():
     progress = tqdm(total=num_iterations * batch_size, unit="step", dynamic_ncols=True)
 
     for iteration in range(1, num_iterations + 1):
+        if rollout_threads:
+            torch.set_num_threads(rollout_threads)
         # ---- eval (and checkpoint) ----
         if (iteration - 1) % args.eval_freq == 0:
             last_eval = evaluate(global_step)
@@ -383,6 +386,8 @@ def main():
             returns = advantages + values
 
         # ---- update ----
+        if update_threads:
+            torch.set_num_threads(update_threads)
         b_obs = obs_buf.reshape((-1, obs_dim))
         b_logprobs = logprobs.reshape(-1)
         b_actions = actions.reshape((-1, action_dim))
@@ -452,6 +457,8 @@ def main():
         progress.set_postfix(SPS=sps, eval_success=f"{last_eval.get('success_once', float('nan')):.2f}")
 
     progress.close()
+    if rollout_threads:
+        torch.set_num_threads(rollout_threads)
     # ---- final eval and checkpoint ----
     last_eval = evaluate(global_step)
     for k, v in last_eval.items():

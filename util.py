@@ -365,6 +365,8 @@ class CpuVectorEnv:
 
     # -- the ManiSkillVectorEnv interface ------------------------------------------------------
     def reset(self, *, seed: Union[None, int, list[int]] = None, options: Optional[dict] = None):
+        if options:  # partial resets happen inside the workers, at the end of each env's episode
+            raise NotImplementedError(f"CpuVectorEnv.reset takes no options, got {sorted(options)}")
         seeds = None if seed is None else _episode_seeds(seed, self.num_envs)
         self._request("reset", None if seeds is None else [seeds[a:b] for a, b in self.slices])
         self.returns.zero_()
