@@ -239,7 +239,7 @@ def main():
         util.check_checkpoint(checkpoint, args.checkpoint, obs_dim=obs_dim, action_dim=action_dim,
                               control_mode=eval_envs.control_mode)
         agent.load_state_dict(checkpoint["model"])
-    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: one pass over all parameters
 
     # ---- output: logs, checkpoints, videos ----
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
