@@ -123,8 +123,11 @@ class GpuVectorEnv(ManiSkillVectorEnv):
         self.control_mode = self.base_env.control_mode
 
 
-def _flatten_paths(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
-    """{'a': {'b': x}} -> {('a', 'b'): x}; keeps insertion order, so the flat state stays ManiSkill's."""
+def _flatten_paths(tree: Union[dict, torch.Tensor], prefix: tuple = ()) -> dict[tuple, Any]:
+    """{'a': {'b': x}} -> {('a', 'b'): x}; keeps insertion order, so the flat state stays ManiSkill's.
+    A bare tensor (obs_mode="state") is the single leaf at path ()."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
@@ -134,7 +137,9 @@ def _flatten_paths(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
     return flat
 
 
-def _unflatten_paths(flat: dict[tuple, Any]) -> dict:
+def _unflatten_paths(flat: dict[tuple, Any]) -> Union[dict, torch.Tensor]:
+    if () in flat:
+        return flat[()]
     tree: dict = {}
     for path, value in flat.items():
         node = tree
@@ -352,9 +357,16 @@ class CpuVectorEnv:
             raise UsageError(msg[1:].decode())
         return msg if raw else pickle.loads(msg)
 
+    def _send(self, w: int, message: bytes) -> None:
+        try:
+            self.conns[w].send_bytes(message)
+        except OSError:  # broken pipe: the worker is gone; _recv names it and its exit code
+            self._recv(w)
+            raise RuntimeError(f"CPU env worker {w} stopped taking commands") from None
+
     def _request(self, cmd: str, args: Optional[list] = None) -> list:
-        for w, conn in enumerate(self.conns):
-            conn.send((cmd, None if args is None else args[w]))
+        for w in range(len(self.conns)):
+            self._send(w, pickle.dumps((cmd, None if args is None else args[w])))
         return [self._recv(w, raw=cmd == "reset") for w in range(len(self.conns))]
 
     def _read(self, key: str) -> dict:
@@ -376,8 +388,8 @@ class CpuVectorEnv:
 
     def step(self, actions: torch.Tensor):
         self.buffers["action"].copy_(actions.detach().reshape(self.num_envs, -1))
-        for conn in self.conns:
-            conn.send_bytes(_STEP)
+        for w in range(len(self.conns)):
+            self._send(w, _STEP)
         for w in range(len(self.conns)):
             self._recv(w, raw=True)
         rew = self.buffers["reward"].clone()

@@ -143,3 +143,52 @@ def test_flat_state_is_maniskills_state_observation():
     torch.testing.assert_close(util.flat_state(obs_dict), obs_flat)
     structured.close()
     flat_env.close()
+
+
+def test_dead_worker_is_named_instead_of_hanging():
+    env = util.CpuVectorEnv(ENV_ID, 4, num_workers=2, obs_mode="state_dict", **KW)
+    try:
+        env.reset(seed=0)
+        env.procs[1].kill()
+        env.procs[1].join()
+        with pytest.raises(RuntimeError, match=r"CPU env worker 1 \(envs 2\.\.3\) died"):
+            env.step(torch.zeros(4, 8))
+    finally:
+        env.close()
+
+
+def test_workers_exit_when_the_trainer_is_killed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {util.__file__.rsplit('/', 1)[0]!r})\n"
+        "import util\n"
+        "if __name__ == '__main__':\n"
+        "    env = util.CpuVectorEnv('PickCube-v1', 2, num_workers=2)\n"
+        "    print(' '.join(str(p.pid) for p in env.procs), flush=True)\n"
+        "    time.sleep(600)\n")
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in trainer.stdout.readline().split()]
+    assert len(pids) == 2
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait()
+    deadline = time.time() + 10
+    alive = pids
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and "zombie" not in _state(p)]
+    assert not alive, f"orphaned workers {alive}"
+
+
+def _state(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(line for line in f if line.startswith("State:")).lower()
+    except (OSError, StopIteration):
+        return "gone"
