@@ -198,7 +198,7 @@ class IKExpert:
 # Model expert
 # ----------------------------------------------------------------------------------------------
 # network name in a checkpoint -> (script module, class) that rebuilds it
-NETWORKS = {"mlp-state": ("ppo", "Agent")}
+NETWORKS = {"mlp-state": ("ppo", "Agent")}  # image policies cannot act on state alone
 
 
 class ModelExpert:

@@ -254,7 +254,7 @@ def main():
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     print(f"backend: {backend} | envs: {'-' if args.evaluate else args.num_envs} train, {args.num_eval_envs} eval | "
-          f"control mode: {eval_envs.control_mode}{' (chosen for the expert)' if chosen_control_mode else ''} | "
+          f"control mode: {eval_envs.control_mode}{f' (default for --expert-type {args.expert_type})' if chosen_control_mode else ''} | "
           f"expert: {args.expert_type} | device: {device}")
     print(f"logs: {run_dir} (tensorboard --logdir {args.output_dir})")
     if args.save_model and not args.evaluate:

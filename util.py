@@ -121,6 +121,24 @@ class GpuVectorEnv(ManiSkillVectorEnv):
         super().__init__(env, num_envs, ignore_terminations=ignore_terminations, record_metrics=True)
         self.max_episode_steps = _max_episode_steps(env)
         self.control_mode = self.base_env.control_mode
+        self.image_policy_extra_keys = _image_policy_extra_keys(self.base_env)
+
+
+def _image_policy_extra_keys(base_env) -> list[str]:
+    """The ``extra`` keys this task returns in obs_mode="rgb", i.e. without privileged object state.
+
+    Experts need privileged state, so image runs build their envs with "state_dict+rgb"; the image
+    policy must see only what "rgb" would give it. ManiSkill decides that inside ``_get_obs_extra``
+    from the env's obs mode, so we ask it once with the mode set to "rgb".
+    """
+    from mani_skill.envs.utils.observations import parse_obs_mode_to_struct
+
+    saved = base_env._obs_mode, base_env.obs_mode_struct
+    base_env._obs_mode, base_env.obs_mode_struct = "rgb", parse_obs_mode_to_struct("rgb")
+    try:
+        return list(base_env._get_obs_extra(base_env.get_info()))
+    finally:
+        base_env._obs_mode, base_env.obs_mode_struct = saved
 
 
 def _flatten_paths(tree: Union[dict, torch.Tensor], prefix: tuple = ()) -> dict[tuple, Any]:
@@ -228,6 +246,7 @@ def _cpu_worker(conn: Connection, worker_index: int, env_id: str, env_slice: tup
             single_action_space=envs[0].unwrapped.single_action_space,
             max_episode_steps=_max_episode_steps(envs[0]),
             control_mode=envs[0].unwrapped.control_mode,
+            image_policy_extra_keys=_image_policy_extra_keys(envs[0].unwrapped),
         ))
         shared_name, layout = conn.recv()
         shared = _SharedArrays(layout, name=shared_name)
@@ -323,6 +342,7 @@ class CpuVectorEnv:
         self.single_action_space = spec["single_action_space"]
         self.max_episode_steps = spec["max_episode_steps"]
         self.control_mode = spec["control_mode"]
+        self.image_policy_extra_keys = spec["image_policy_extra_keys"]
         action_dim = int(np.prod(self.single_action_space.shape))
         layout = {"action": ((num_envs, action_dim), "float32"), "reward": ((num_envs,), "float32"),
                   "terminated": ((num_envs,), "bool"), "truncated": ((num_envs,), "bool"),
@@ -473,6 +493,24 @@ def flat_state(obs: dict) -> torch.Tensor:
     leaves in order, each flattened per env and cast to float (what ``common.flatten_state_dict`` gives)."""
     leaves = _flatten_paths(obs).values()
     return torch.cat([leaf.reshape(leaf.shape[0], -1).float() for leaf in leaves], dim=1)
+
+
+def image_policy_obs(env, include_state: bool = True) -> Callable[[dict], dict]:
+    """The policy observation of the image scripts, from a "state_dict+rgb" observation:
+    ``{"rgb": uint8 [N, H, W, 3 * cameras], "state": float [N, D]}`` where ``state`` holds the robot's
+    proprioception and the task's non-privileged extras (exactly ManiSkill's "rgb" mode), or nothing
+    without ``include_state``. The wrapper appends the expert action to ``state``."""
+    extra_keys = env.image_policy_extra_keys
+
+    def policy_obs(obs: dict) -> dict:
+        rgb = torch.cat([camera["rgb"] for camera in obs["sensor_data"].values()], dim=-1)
+        if include_state:
+            state = flat_state(dict(agent=obs["agent"], extra={k: obs["extra"][k] for k in extra_keys}))
+        else:
+            state = torch.zeros(rgb.shape[0], 0, device=rgb.device)
+        return dict(rgb=rgb, state=state)
+
+    return policy_obs
 
 
 class ExpertResidualWrapper:
