@@ -1,0 +1,62 @@
+"""ppo_rgb.py on the CPU backend: the image observation, the uint8 buffer, checkpoint and --evaluate."""
+
+import glob
+import json
+import os
+
+import gymnasium as gym
+import pytest
+import torch
+
+import util
+from conftest import TINY, run_script
+
+
+
+def test_policy_sees_exactly_maniskills_rgb_observation():
+    kw = dict(num_envs=1, control_mode="pd_joint_delta_pos")
+    backend = util.make_env("PickCube-v1", sim_backend="physx_cpu", obs_mode="state_dict+rgb", **kw)
+    reference = gym.make("PickCube-v1", sim_backend="physx_cpu", obs_mode="rgb", **kw)
+    wrapped = util.ExpertResidualWrapper(backend, lambda obs: obs["extra"]["obj_pose"][:, :8].new_zeros(1, 8),
+                                         policy_obs_fn=util.image_policy_obs(backend))
+    obs, _ = wrapped.reset(seed=5)
+    ref, _ = reference.reset(seed=5)
+    assert set(obs) == {"rgb", "state"}
+    assert obs["rgb"].dtype == torch.uint8
+    torch.testing.assert_close(obs["rgb"], ref["sensor_data"]["base_camera"]["rgb"])
+    assert backend.image_policy_extra_keys == list(ref["extra"])
+    assert "obj_pose" not in ref["extra"]  # privileged in this task, so the policy must not see it
+    expected_state = util.flat_state(dict(agent=ref["agent"], extra=ref["extra"]))
+    torch.testing.assert_close(obs["state"], torch.cat([expected_state, torch.zeros(1, 8)], dim=1))
+    wrapped.close()
+    reference.close()
+
+
+@pytest.fixture(scope="module")
+def trained_rgb(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rgb_runs")
+    proc = run_script("ppo_rgb.py", [*TINY, "--output-dir", str(out)], cwd=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = glob.glob(str(out / "PickCube-v1__ppo_rgb__1__*"))
+    return run_dir
+
+
+def test_rgb_training_keeps_images_as_uint8_and_writes_outputs(trained_rgb):
+    summary = json.load(open(os.path.join(trained_rgb, "summary.json")))
+    image_bytes, state_bytes = 128 * 128 * 3, 4 * (9 + 9 + 1 + 7 + 3 + 8)  # qpos, qvel, extras, expert action
+    assert summary["buffer_bytes_per_env_step"] <= 1.1 * (image_bytes + state_bytes)
+    assert glob.glob(os.path.join(trained_rgb, "videos", "*.mp4"))
+    ckpt = torch.load(os.path.join(trained_rgb, "final_ckpt.pt"), weights_only=True)
+    assert ckpt["meta"]["network"] == "cnn-rgb-state" and ckpt["meta"]["rgb_shape"] == [128, 128, 3]
+
+
+def test_rgb_evaluate_round_trip_and_state_script_refuses_it(trained_rgb, tmp_path):
+    ckpt = os.path.join(trained_rgb, "final_ckpt.pt")
+    proc = run_script("ppo_rgb.py", ["--evaluate", "--checkpoint", ckpt, "--sim-backend", "cpu", "--num-eval-envs",
+                                     "1", "--output-dir", str(tmp_path / "eval")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "eval @ 0 steps: success_once=" in proc.stdout
+    assert glob.glob(str(tmp_path / "eval" / "*" / "videos" / "*.mp4"))
+    proc = run_script("ppo.py", ["--evaluate", "--checkpoint", ckpt, "--output-dir", str(tmp_path / "x")],
+                      cwd=tmp_path)
+    assert proc.returncode == 2 and "network=cnn-rgb-state (written by ppo_rgb.py)" in proc.stderr, proc.stderr
