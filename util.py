@@ -227,6 +227,8 @@ def _cpu_worker(conn: Connection, worker_index: int, env_id: str, env_slice: tup
                 ignore_terminations: bool, env_kwargs: dict) -> None:
     """Holds envs[start:stop]; steps them in turn and autoresets them, writing into shared memory."""
     torch.set_num_threads(1)  # one worker per core already
+    # likewise lavapipe, which would otherwise start a rasterizer thread per core inside this one-core process
+    os.environ.setdefault("LP_NUM_THREADS", "1")
     if hasattr(os, "sched_setaffinity"):  # one core each: workers sharing a core stall the whole batch
         cpus = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpus[worker_index % len(cpus)]})

@@ -8,6 +8,8 @@ Measures, on one task with state observations and random actions:
   wrapped_zero_sps      CpuVectorEnv under ExpertResidualWrapper with the zero expert
   train_sps             ppo.py training (rollout + update, evaluation excluded) on the CPU backend
   train_env_step_sps    the same run's env steps per second spent inside envs.step (wrapper included)
+and, with one 128x128 camera (obs_mode="state_dict+rgb"), at --rgb-num-envs envs:
+  rgb_single_env_sps, rgb_cpu_vec_sps, rgb_train_sps (ppo_rgb.py), rgb_buffer_bytes_per_env_step
 
 Prints a table, checks the targets, and writes JSON to --out.
 """
@@ -43,6 +45,12 @@ class Args:
     """batched steps per vectorized measurement (single env: steps x num_envs / 4)"""
     train_timesteps: int = 24_000
     """env steps of the ppo.py run"""
+    rgb_num_envs: int = 4
+    """envs for the RGB measurements (128x128 camera)"""
+    rgb_steps: int = 100
+    """env steps of the single-env RGB measurement (the vector one takes twice as many)"""
+    rgb_train_timesteps: int = 1_600
+    """env steps of the ppo_rgb.py run"""
 
 
 def timed_steps(step, num_steps: int, batch: int) -> float:
@@ -105,16 +113,38 @@ def maniskill_recipe_sps(args: Args) -> float:
     return sps
 
 
-def train_sps(args: Args) -> tuple[float, dict]:
+def train_sps(args: Args, script: str = "ppo.py", num_envs: int = 0, timesteps: int = 0) -> tuple[float, dict]:
+    """Training SPS of one of the scripts on the CPU backend, and its summary."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "ppo.py", "--sim-backend", "cpu", "--env-id", args.env_id, "--num-envs",
-               str(args.num_envs), "--total-timesteps", str(args.train_timesteps), "--eval-freq", "100000",
-               "--no-capture-video", "--no-save-model", "--num-eval-envs", "1", "--output-dir", out]
+        cmd = [sys.executable, script, "--sim-backend", "cpu", "--env-id", args.env_id, "--num-envs",
+               str(num_envs or args.num_envs), "--total-timesteps", str(timesteps or args.train_timesteps),
+               "--eval-freq", "100000", "--no-capture-video", "--no-save-model", "--num-eval-envs", "1",
+               "--output-dir", out]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         (run,) = os.listdir(out)
         summary = json.load(open(os.path.join(out, run, "summary.json")))
-        return summary["train_sps"], summary["seconds"]
+        return summary["train_sps"], summary
+
+
+def rgb_single_env_sps(args: Args) -> float:
+    env = gym.make(args.env_id, num_envs=1, sim_backend="physx_cpu", obs_mode="state_dict+rgb",
+                   control_mode=args.control_mode)
+    env.reset(seed=0)
+    sps = timed_steps(lambda: env.step(env.action_space.sample()), args.rgb_steps, 1)
+    env.close()
+    return sps
+
+
+def rgb_cpu_vec_sps(args: Args) -> float:
+    env = util.make_env(args.env_id, args.rgb_num_envs, "cpu", obs_mode="state_dict+rgb",
+                        control_mode=args.control_mode)
+    env.reset(seed=0)
+    action_dim = env.single_action_space.shape[0]
+    sps = timed_steps(lambda: env.step(torch.rand(args.rgb_num_envs, action_dim) * 2 - 1),
+                      args.rgb_steps // args.rgb_num_envs * 2, args.rgb_num_envs)
+    env.close()
+    return sps
 
 
 def main():
@@ -125,10 +155,15 @@ def main():
     results["cpu_vec_sps"], results["wrapped_zero_sps"] = vector_sps(
         util.make_env(args.env_id, args.num_envs, "cpu", **kw), args)
     results["maniskill_recipe_sps"] = maniskill_recipe_sps(args)
-    results["train_sps"], seconds = train_sps(args)
+    results["train_sps"], summary = train_sps(args)
     # env steps/s of envs.step inside training: the policy's motions cost the simulator more than random ones
-    results["train_env_step_sps"] = args.train_timesteps / seconds["env_step"]
-    results["train_seconds"] = seconds
+    results["train_env_step_sps"] = args.train_timesteps / summary["seconds"]["env_step"]
+    results["train_seconds"] = summary["seconds"]
+    results["rgb_single_env_sps"] = rgb_single_env_sps(args)
+    results["rgb_cpu_vec_sps"] = rgb_cpu_vec_sps(args)
+    results["rgb_train_sps"], summary = train_sps(args, "ppo_rgb.py", args.rgb_num_envs, args.rgb_train_timesteps)
+    results["rgb_train_seconds"] = summary["seconds"]
+    results["rgb_buffer_bytes_per_env_step"] = summary["buffer_bytes_per_env_step"]
 
     r, cores = results, results["cores"]
     targets = [
@@ -136,16 +171,21 @@ def main():
         ("cpu_vec_sps >= 2.5 x maniskill_recipe_sps", r["cpu_vec_sps"] / r["maniskill_recipe_sps"], 2.5),
         ("wrapped_zero_sps >= 0.97 x cpu_vec_sps", r["wrapped_zero_sps"] / r["cpu_vec_sps"], 0.97),
         ("train_sps >= 0.75 x cpu_vec_sps", r["train_sps"] / r["cpu_vec_sps"], 0.75),
+        ("rgb_cpu_vec_sps >= 0.85 x cores x rgb_single_env_sps",
+         r["rgb_cpu_vec_sps"] / (cores * r["rgb_single_env_sps"]), 0.85),
+        ("rgb_train_sps >= 0.7 x rgb_cpu_vec_sps", r["rgb_train_sps"] / r["rgb_cpu_vec_sps"], 0.7),
     ]
     print(f"\n{args.env_id}, state, {args.control_mode}, {args.num_envs} envs, {cores} cores")
     print(f"{'measurement':<24}{'env steps/s':>14}")
     for key in ("single_env_sps", "cpu_vec_sps", "maniskill_recipe_sps", "wrapped_zero_sps", "train_sps",
-                "train_env_step_sps"):
-        print(f"{key:<24}{r[key]:>14.0f}")
-    print(f"\n{'target':<48}{'ratio':>8}  met")
+                "train_env_step_sps", "rgb_single_env_sps", "rgb_cpu_vec_sps", "rgb_train_sps"):
+        print(f"{key:<24}{r[key]:>14.1f}")
+    print(f"rgb_buffer_bytes_per_env_step {r['rgb_buffer_bytes_per_env_step']:.0f} "
+          f"(image {128 * 128 * 3} bytes; RGB rows: 128x128 camera, {args.rgb_num_envs} envs)")
+    print(f"\n{'target':<56}{'ratio':>8}  met")
     results["targets"] = {}
     for name, ratio, need in targets:
-        print(f"{name:<48}{ratio:>8.2f}  {'yes' if ratio >= need else 'NO'}")
+        print(f"{name:<56}{ratio:>8.2f}  {'yes' if ratio >= need else 'NO'}")
         results["targets"][name] = dict(ratio=ratio, met=ratio >= need)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
