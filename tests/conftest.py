@@ -18,11 +18,15 @@ def run_script(script, args, cwd, timeout=600):
                           text=True, timeout=timeout)
 
 
+def tiny_run(script, out):
+    """Train `script` with TINY into `out`: (run directory, finished process)."""
+    proc = run_script(script, [*TINY, "--output-dir", str(out)], cwd=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = glob.glob(str(out / f"PickCube-v1__{script[:-3]}__1__*"))
+    return run_dir, proc
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """One tiny ppo.py training run shared by the tests: (run directory, finished process)."""
-    out = tmp_path_factory.mktemp("runs")
-    proc = run_script("ppo.py", [*TINY, "--output-dir", str(out)], cwd=out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = glob.glob(str(out / "PickCube-v1__ppo__1__*"))
-    return run_dir, proc
+    return tiny_run("ppo.py", tmp_path_factory.mktemp("runs"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import util
-from conftest import TINY, run_script
+from conftest import run_script, tiny_run
 
 
 
@@ -34,11 +34,7 @@ def test_policy_sees_exactly_maniskills_rgb_observation():
 
 @pytest.fixture(scope="module")
 def trained_rgb(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rgb_runs")
-    proc = run_script("ppo_rgb.py", [*TINY, "--output-dir", str(out)], cwd=out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = glob.glob(str(out / "PickCube-v1__ppo_rgb__1__*"))
-    return run_dir
+    return tiny_run("ppo_rgb.py", tmp_path_factory.mktemp("rgb_runs"))[0]
 
 
 def test_rgb_training_keeps_images_as_uint8_and_writes_outputs(trained_rgb):
