@@ -25,6 +25,10 @@ ExpertFn = Callable[[dict], torch.Tensor]
 EXPERT_TYPES = ("zero", "ik", "model", "custom")
 
 
+def _unknown_expert(expert_type: str) -> UsageError:
+    return UsageError(f"unknown expert type '{expert_type}'; valid: {', '.join(EXPERT_TYPES)}")
+
+
 def _batch_size(obs: dict) -> tuple[int, torch.device]:
     leaf = obs
     while isinstance(leaf, dict):
@@ -232,7 +236,7 @@ class ModelExpert:
 
     @torch.no_grad()
     def __call__(self, obs: dict) -> torch.Tensor:
-        state = flat_state(obs)
+        state = flat_state(dict(agent=obs["agent"], extra=obs["extra"]))  # no camera data in image runs
         if state.shape[1] != self.state_dim:
             raise UsageError(f"checkpoint '{self.path}' was trained on {self.state_dim}-dim states but "
                              f"{self.env_id} gives {state.shape[1]}")
@@ -277,7 +281,7 @@ def check_expert_args(expert_type: str, env_id: str, control_mode: str, model_pa
                       expert_fn: Optional[str]) -> None:
     """Fail before any env is built or anything is written."""
     if expert_type not in EXPERT_TYPES:
-        raise UsageError(f"unknown expert type '{expert_type}'; valid: {', '.join(EXPERT_TYPES)}")
+        raise _unknown_expert(expert_type)
     if expert_type == "ik":
         IKExpert(env_id, control_mode)
     if expert_type == "model":
@@ -301,4 +305,4 @@ def make_expert(expert_type: str, env_id: str, env, ik_gain: float = 1.0, model_
         return ModelExpert(model_path, env_id, env)
     if expert_type == "custom":
         return load_expert_fn(expert_fn)
-    raise UsageError(f"unknown expert type '{expert_type}'; valid: {', '.join(EXPERT_TYPES)}")
+    raise _unknown_expert(expert_type)

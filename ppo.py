@@ -164,7 +164,7 @@ class Agent(nn.Module):
         return action, probs.log_prob(action).sum(1), probs.entropy().sum(1), self.critic(x)
 
 
-def check_args(args: Args, backend: str) -> None:
+def check_args(args: Args) -> None:
     """Reject bad input before any env is built or anything is written."""
     util.check_env_id(args.env_id)
     experts.check_expert_args(args.expert_type, args.env_id, args.control_mode, args.model_path, args.expert_fn)
@@ -201,7 +201,7 @@ def main():
     chosen_control_mode = args.control_mode is None
     if chosen_control_mode:
         args.control_mode = experts.default_control_mode(args.expert_type)
-    check_args(args, backend)
+    check_args(args)
     checkpoint = util.load_checkpoint(args.checkpoint) if args.checkpoint else None
     if checkpoint is not None:
         util.check_checkpoint(checkpoint, args.checkpoint, network=NETWORK, env_id=args.env_id,

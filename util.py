@@ -184,7 +184,6 @@ class _SharedArrays:
     def __init__(self, layout: dict[Any, tuple[tuple, str]], name: Optional[str] = None):
         from multiprocessing import shared_memory
 
-        self.layout = layout
         sizes = {k: int(np.prod(shape)) * np.dtype(dtype).itemsize for k, (shape, dtype) in layout.items()}
         total = max(1, sum(sizes.values()))
         self.owner = name is None
@@ -272,7 +271,6 @@ def _cpu_worker(conn: Connection, worker_index: int, env_id: str, env_slice: tup
                     term = bool(term[0]) and not ignore_terminations
                     done = term or bool(trunc[0])
                     bufs["reward"][i], bufs["terminated"][i], bufs["truncated"][i] = rew[0], term, trunc[0]
-                    bufs["done"][i] = done
                     write_info(i, info)  # before a reset overwrites the tensors it may share
                     if done:
                         write(i, obs, "final_obs")
@@ -347,8 +345,7 @@ class CpuVectorEnv:
         self.image_policy_extra_keys = spec["image_policy_extra_keys"]
         action_dim = int(np.prod(self.single_action_space.shape))
         layout = {"action": ((num_envs, action_dim), "float32"), "reward": ((num_envs,), "float32"),
-                  "terminated": ((num_envs,), "bool"), "truncated": ((num_envs,), "bool"),
-                  "done": ((num_envs,), "bool")}
+                  "terminated": ((num_envs,), "bool"), "truncated": ((num_envs,), "bool")}
         for key in ("obs", "final_obs"):
             for path, (shape, dtype) in spec["obs_layout"].items():
                 layout[(key, path)] = ((num_envs, *shape), dtype)
@@ -438,7 +435,7 @@ class CpuVectorEnv:
         info["episode"] = episode
 
         obs = self._read("obs")
-        done = self.buffers["done"].clone()
+        done = terminations | truncations  # terminations are already masked under ignore_terminations
         if done.any():
             # the workers already reset the finished envs (same-step autoreset)
             final_obs = _unflatten_paths({
