@@ -7,7 +7,8 @@ Data path: backend -> ExpertResidualWrapper -> training script.
   ``_final_info``, episode metrics under ``info["episode"]``). Two backends exist:
   ``GpuVectorEnv`` (ManiSkill's own ``physx_cuda`` vectorization) and ``CpuVectorEnv``
   (worker processes, each stepping several ``physx_cpu`` envs in turn, sharing memory with us).
-  Backends always return the *structured* observation (``state_dict``), which experts read.
+  Backends always return the *structured* observation (``state_dict``, or ``state_dict+rgb`` for image
+  runs), which experts read.
 - ``ExpertResidualWrapper`` turns that into the policy's observation plus the expert action, and
   turns the policy's residual into the executed action.
 """
