@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from util import UsageError, check_checkpoint, flat_state, load_checkpoint
+from util import UsageError, check_checkpoint, flat_state, image_policy_obs, load_checkpoint, with_expert_action
 
 ExpertFn = Callable[[dict], torch.Tensor]
 EXPERT_TYPES = ("zero", "ik", "model", "custom")
@@ -201,8 +201,18 @@ class IKExpert:
 # ----------------------------------------------------------------------------------------------
 # Model expert
 # ----------------------------------------------------------------------------------------------
-# network name in a checkpoint -> (script module, class) that rebuilds it
-NETWORKS = {"mlp-state": ("ppo", "Agent")}  # image policies cannot act on state alone
+# network name in a checkpoint -> (script module, class, the metadata its constructor takes)
+NETWORKS = {
+    "mlp-state": ("ppo", "Agent", ("obs_dim", "action_dim")),
+    "cnn-rgb-state": ("ppo_rgb", "Agent", ("rgb_shape", "state_dim", "action_dim")),
+}
+
+
+def _obs_signature(policy_obs) -> dict:
+    """The checkpoint metadata a policy observation must match."""
+    if isinstance(policy_obs, dict):
+        return dict(rgb_shape=list(policy_obs["rgb"].shape[1:]), state_dim=policy_obs["state"].shape[1])
+    return dict(obs_dim=policy_obs.shape[1])
 
 
 class ModelExpert:
@@ -210,6 +220,7 @@ class ModelExpert:
 
     It executes what the trained system would: ``clip(inner_expert + scale * actor_mean)``, where the
     inner expert is rebuilt from the checkpoint's own metadata (e.g. the IK expert it was trained on).
+    A state policy reads the privileged state; an image policy needs the run's cameras (ppo_rgb*.py).
     """
 
     def __init__(self, path: str, env_id: str, env):
@@ -221,27 +232,36 @@ class ModelExpert:
         if meta.get("network") not in NETWORKS:
             raise UsageError(f"checkpoint '{path}' holds network {meta.get('network')} (written by "
                              f"{meta.get('script')}); the model expert rebuilds {', '.join(NETWORKS)}")
-        module, name = NETWORKS[meta["network"]]
-        agent = getattr(importlib.import_module(module), name)(meta["obs_dim"], meta["action_dim"])
+        module, name, arg_keys = NETWORKS[meta["network"]]
+        agent = getattr(importlib.import_module(module), name)(*(meta[k] for k in arg_keys))
         agent.load_state_dict(payload["model"])
-        self.actor = agent.actor_mean.to(device).eval()
+        self.agent = agent.to(device).eval()
         train_args = meta["args"]
+        self.images = "rgb_shape" in arg_keys
+        if self.images:
+            self.policy_obs_fn = image_policy_obs(env, train_args["include_state"])
+        else:  # image runs carry camera data next to the state: the state policy reads only the state
+            self.policy_obs_fn = lambda obs: flat_state(dict(agent=obs["agent"], extra=obs["extra"]))
         self.inner = make_expert(train_args["expert_type"], env_id, env, ik_gain=train_args.get("ik_gain", 1.0),
                                  model_path=train_args.get("model_path"), expert_fn=train_args.get("expert_fn"))
         self.scale = meta["residual_scale"]
-        self.state_dim = meta["obs_dim"] - meta["action_dim"]
-        self.path, self.env_id = path, env_id
+        self.signature = {k: meta[k] for k in arg_keys if k != "action_dim"}
+        self.path, self.env_id, self.script = path, env_id, meta.get("script")
         self.low = torch.as_tensor(env.single_action_space.low, device=device)
         self.high = torch.as_tensor(env.single_action_space.high, device=device)
 
     @torch.no_grad()
     def __call__(self, obs: dict) -> torch.Tensor:
-        state = flat_state(dict(agent=obs["agent"], extra=obs["extra"]))  # no camera data in image runs
-        if state.shape[1] != self.state_dim:
-            raise UsageError(f"checkpoint '{self.path}' was trained on {self.state_dim}-dim states but "
-                             f"{self.env_id} gives {state.shape[1]}")
+        if self.images and "sensor_data" not in obs:
+            raise UsageError(f"checkpoint '{self.path}' ({self.script}) acts from camera images; use it as the "
+                             f"expert of ppo_rgb.py or ppo_rgb_fast.py")
         base = self.inner(obs)
-        residual = self.actor(torch.cat([state, base], dim=1))
+        policy_obs = with_expert_action(self.policy_obs_fn(obs), base)
+        signature = _obs_signature(policy_obs)
+        if signature != self.signature:
+            raise UsageError(f"checkpoint '{self.path}' was trained on observations {self.signature} but "
+                             f"{self.env_id} gives {signature}")
+        residual = self.agent.get_action(policy_obs, deterministic=True)
         return torch.clamp(base + self.scale * residual, self.low, self.high)
 
 

@@ -189,6 +189,28 @@ def to_device(obs: dict, device) -> dict:
     return {k: v.to(device) for k, v in obs.items()}
 
 
+def gae(rewards, values, dones, final_values, next_value, next_done, gamma: float, gae_lambda: float):
+    """Generalized advantage estimation over a rollout: (advantages, returns).
+
+    ``dones[t]`` marks an observation that starts a new episode. Step t - 1 then bootstraps from
+    ``final_values[t - 1]``, the value of the ended episode's last observation, instead of ``values[t]``.
+    """
+    num_steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = 0
+    for t in reversed(range(num_steps)):
+        if t == num_steps - 1:
+            next_not_done = 1.0 - next_done
+            nextvalues = next_value
+        else:
+            next_not_done = 1.0 - dones[t + 1]
+            nextvalues = values[t + 1]
+        real_next_values = next_not_done * nextvalues + final_values[t]
+        delta = rewards[t] + gamma * real_next_values - values[t]
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * next_not_done * lastgaelam
+    return advantages, advantages + values
+
+
 def check_args(args: Args) -> None:
     """Reject bad input before any env is built or anything is written."""
     util.check_env_id(args.env_id)
@@ -412,19 +434,8 @@ def main():
         # ---- advantage (GAE) ----
         with torch.no_grad():
             next_value = agent.get_value(next_obs).reshape(1, -1)
-            advantages = torch.zeros_like(rewards)
-            lastgaelam = 0
-            for t in reversed(range(args.num_steps)):
-                if t == args.num_steps - 1:
-                    next_not_done = 1.0 - next_done
-                    nextvalues = next_value
-                else:
-                    next_not_done = 1.0 - dones[t + 1]
-                    nextvalues = values[t + 1]
-                real_next_values = next_not_done * nextvalues + final_values[t]
-                delta = rewards[t] + args.gamma * real_next_values - values[t]
-                advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * next_not_done * lastgaelam
-            returns = advantages + values
+            advantages, returns = gae(rewards, values, dones, final_values, next_value, next_done,
+                                      args.gamma, args.gae_lambda)
 
         # ---- update ----
         if update_threads:

@@ -513,6 +513,13 @@ def image_policy_obs(env, include_state: bool = True) -> Callable[[dict], dict]:
     return policy_obs
 
 
+def with_expert_action(policy_obs: Obs, expert_action: torch.Tensor) -> Obs:
+    """``[policy_obs, expert_action]``; for image policies the expert action joins the state part."""
+    if isinstance(policy_obs, dict):
+        return {**policy_obs, "state": torch.cat([policy_obs["state"], expert_action], dim=-1)}
+    return torch.cat([policy_obs, expert_action], dim=-1)
+
+
 class ExpertResidualWrapper:
     """Executes ``clip(expert + residual_scale * residual)`` and shows the policy ``[obs, expert_action]``.
 
@@ -579,10 +586,7 @@ class ExpertResidualWrapper:
         return action
 
     def _policy_obs(self, obs: dict, expert_action: torch.Tensor) -> Obs:
-        policy_obs = self.policy_obs_fn(obs)
-        if isinstance(policy_obs, dict):  # image policies: the expert action joins the state part
-            return {**policy_obs, "state": torch.cat([policy_obs["state"], expert_action], dim=-1)}
-        return torch.cat([policy_obs, expert_action], dim=-1)
+        return with_expert_action(self.policy_obs_fn(obs), expert_action)
 
     def reset(self, *, seed=None, options=None):
         obs, info = self.env.reset(seed=seed, options=options)

@@ -1,0 +1,595 @@
+"""Expert+Residual PPO on ManiSkill from camera images plus state, built for speed: TensorDict, torch.compile, CUDA graphs.
+
+The algorithm, flags, residual semantics and checkpoints are those of ppo_rgb.py: the policy sees what
+ManiSkill's "rgb" mode gives plus the expert action, the expert reads privileged state, and images stay
+uint8 in the rollout storage. What differs follows LeanRL's compiled PPO: the rollout writes into one
+preallocated TensorDict, a rollout-only copy of the agent shares the trained parameters, `--compile`
+compiles the policy step, GAE and the update, and `--cudagraphs` replays the policy step and the update
+as CUDA graphs. Without CUDA, `--cudagraphs` is skipped with a notice.
+"""
+
+import functools
+import json
+import os
+import random
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.optim as optim
+import tyro
+from tensordict import TensorDict, from_module
+from tensordict.nn import CudaGraphModule, TensorDictModule
+from torch.distributions.normal import Normal
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import experts
+import util
+
+SCRIPT = "ppo_rgb_fast.py"
+NETWORK = "cnn-rgb-state"  # the same network as ppo_rgb.py: checkpoints of either script load in both
+
+
+@dataclass
+class Args:
+    exp_name: Optional[str] = None
+    """the name of this experiment (default: the script name)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, the networks run on CUDA when it is available"""
+    compile: bool = False
+    """if toggled, compile the policy step, GAE and the update with torch.compile"""
+    cudagraphs: bool = False
+    """if toggled, replay the policy step and the update as CUDA graphs (needs CUDA; skipped otherwise)"""
+    track: bool = False
+    """if toggled, log to Weights and Biases (wandb is imported only then)"""
+    wandb_project_name: str = "ManiSkill"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = True
+    """if toggled, record an mp4 of the eval envs at every evaluation"""
+    save_model: bool = True
+    """if toggled, save a checkpoint at every evaluation and at the end"""
+    evaluate: bool = False
+    """if toggled, only evaluate the policy in --checkpoint"""
+    checkpoint: Optional[str] = None
+    """path to a checkpoint (.pt) to evaluate"""
+    output_dir: str = "runs"
+    """directory that receives one folder per run (logs, checkpoints, videos)"""
+
+    # Environment and expert
+    env_id: str = "PickCube-v1"
+    """the ManiSkill task id"""
+    control_mode: Optional[str] = None
+    """the robot's control mode (default: pd_ee_delta_pos with the IK expert, else pd_joint_delta_pos)"""
+    sim_backend: str = "auto"
+    """auto | gpu | cpu: gpu is ManiSkill's physx_cuda simulation, cpu our multi-process backend"""
+    expert_type: str = "zero"
+    """the expert the residual corrects: zero | ik | model | custom"""
+    ik_gain: float = 1.0
+    """IK expert gain: 1.0 asks for the whole position error in one control step"""
+    model_path: Optional[str] = None
+    """checkpoint of these scripts to act as the expert (--expert-type model)"""
+    expert_fn: Optional[str] = None
+    """path/to/file.py:function or module:function, obs -> action (--expert-type custom)"""
+    residual_scale: float = 1.0
+    """the executed action is clip(expert + residual_scale * residual)"""
+    expert_action_noise: float = 0.0
+    """std of Gaussian noise added to the expert action while training (never in eval)"""
+    clip_final_action: bool = True
+    """if toggled, clip the executed action to the action bounds"""
+    include_state: bool = True
+    """if toggled, the policy sees proprioception and non-privileged task state besides the images"""
+    camera_width: int = 128
+    """width of the task's cameras (pixels)"""
+    camera_height: int = 128
+    """height of the task's cameras (pixels)"""
+
+    # Algorithm
+    total_timesteps: int = 10_000_000
+    """total env steps of training"""
+    learning_rate: float = 3e-4
+    """the learning rate of the optimizer"""
+    num_envs: Optional[int] = None
+    """parallel training envs (default: 64 on the GPU backend, 2 per core on the CPU backend)"""
+    num_eval_envs: Optional[int] = None
+    """parallel eval envs (default: 8 on the GPU backend, 1 per core on the CPU backend)"""
+    num_steps: int = 50
+    """steps per env per rollout"""
+    num_eval_steps: Optional[int] = None
+    """steps per evaluation (default: the task's episode length, so every eval env ends one episode)"""
+    partial_reset: bool = True
+    """if toggled, training episodes end on success or failure; otherwise only at the time limit"""
+    reward_scale: float = 1.0
+    """multiplier applied to rewards before PPO sees them"""
+    anneal_lr: bool = False
+    """if toggled, anneal the learning rate linearly to zero"""
+    gamma: float = 0.8
+    """the discount factor"""
+    gae_lambda: float = 0.9
+    """the lambda of generalized advantage estimation"""
+    num_minibatches: Optional[int] = None
+    """minibatches per epoch (default: 32 on the GPU backend, 2 on the CPU backend)"""
+    update_epochs: int = 4
+    """epochs over each batch"""
+    norm_adv: bool = True
+    """if toggled, normalize advantages per minibatch"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = False
+    """if toggled, clip the value loss as in the PPO paper"""
+    ent_coef: float = 0.0
+    """coefficient of the entropy bonus"""
+    vf_coef: float = 0.5
+    """coefficient of the value loss"""
+    max_grad_norm: float = 0.5
+    """the maximum norm for gradient clipping"""
+    target_kl: Optional[float] = 0.1
+    """stop an epoch after the minibatch whose approximate KL exceeds this"""
+    eval_freq: int = 25
+    """evaluate (and checkpoint) every this many iterations"""
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    """NatureCNN on the images and a linear layer on the state, concatenated, then actor and critic heads."""
+
+    def __init__(self, rgb_shape: tuple, state_dim: int, action_dim: int):
+        super().__init__()
+        height, width, channels = rgb_shape
+        self.cnn = nn.Sequential(
+            layer_init(nn.Conv2d(channels, 32, 8, stride=4)), nn.ReLU(),
+            layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
+            layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            cnn_dim = self.cnn(torch.zeros(1, channels, height, width)).shape[1]
+        self.image_fc = nn.Sequential(layer_init(nn.Linear(cnn_dim, 256)), nn.ReLU())
+        self.state_fc = nn.Sequential(layer_init(nn.Linear(state_dim, 256)), nn.ReLU())
+        self.critic = nn.Sequential(layer_init(nn.Linear(512, 512)), nn.ReLU(), layer_init(nn.Linear(512, 1)))
+        self.actor_mean = nn.Sequential(
+            layer_init(nn.Linear(512, 512)), nn.ReLU(),
+            # a near-zero residual head: training starts at the expert's behaviour
+            layer_init(nn.Linear(512, action_dim), std=0.01 * np.sqrt(2)),
+        )
+        self.actor_logstd = nn.Parameter(torch.ones(1, action_dim) * -0.5)
+
+    def features(self, obs: dict):
+        # uint8 NHWC in the buffer; float NCHW only here
+        image = obs["rgb"].permute(0, 3, 1, 2).float() / 255.0
+        return torch.cat([self.image_fc(self.cnn(image)), self.state_fc(obs["state"])], dim=1)
+
+    def get_value(self, obs):
+        return self.critic(self.features(obs))
+
+    def get_action(self, obs, deterministic=False):
+        action_mean = self.actor_mean(self.features(obs))
+        if deterministic:
+            return action_mean
+        return Normal(action_mean, torch.exp(self.actor_logstd.expand_as(action_mean))).sample()
+
+    def get_action_and_value(self, obs, action=None):
+        hidden = self.features(obs)
+        action_mean = self.actor_mean(hidden)
+        probs = Normal(action_mean, torch.exp(self.actor_logstd.expand_as(action_mean)))
+        if action is None:
+            action = probs.sample()
+        return action, probs.log_prob(action).sum(1), probs.entropy().sum(1), self.critic(hidden)
+
+
+def to_device(obs: dict, device) -> dict:
+    return {k: v.to(device) for k, v in obs.items()}
+
+
+def gae(next_value, next_done, container, gamma: float, gae_lambda: float):
+    """Generalized advantage estimation over a rollout; writes "advantages" and "returns" into it.
+
+    A finished episode bootstraps from the value of its last observation, held in "final_values",
+    exactly as in ppo.py.
+    """
+    rewards, values, final_values = container["rewards"], container["vals"], container["final_values"]
+    not_dones = 1.0 - container["dones"]
+    next_not_done, next_values = 1.0 - next_done, next_value
+    lastgaelam = torch.zeros_like(next_value)
+    advantages = []
+    for t in range(rewards.shape[0] - 1, -1, -1):
+        real_next_values = next_not_done * next_values + final_values[t]
+        delta = rewards[t] + gamma * real_next_values - values[t]
+        lastgaelam = delta + gamma * gae_lambda * next_not_done * lastgaelam
+        advantages.append(lastgaelam)
+        next_not_done, next_values = not_dones[t], values[t]
+    container["advantages"] = torch.stack(advantages[::-1])
+    container["returns"] = container["advantages"] + values
+    return container
+
+
+def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args) -> TensorDictModule:
+    """One PPO gradient step on a minibatch, as a TensorDictModule so it compiles and graphs as a whole."""
+
+    def update(obs, actions, logprobs, advantages, returns, vals):
+        optimizer.zero_grad()
+        _, newlogprob, entropy, newvalue = agent.get_action_and_value(obs, actions)
+        logratio = newlogprob - logprobs
+        ratio = logratio.exp()
+        with torch.no_grad():
+            old_approx_kl = (-logratio).mean()
+            approx_kl = ((ratio - 1) - logratio).mean()
+            clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+
+        if args.norm_adv:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        pg_loss1 = -advantages * ratio
+        pg_loss2 = -advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+        pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+        newvalue = newvalue.view(-1)
+        if args.clip_vloss:
+            v_loss_unclipped = (newvalue - returns) ** 2
+            v_clipped = vals + torch.clamp(newvalue - vals, -args.clip_coef, args.clip_coef)
+            v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - returns) ** 2).mean()
+        else:
+            v_loss = 0.5 * ((newvalue - returns) ** 2).mean()
+        entropy_loss = entropy.mean()
+        loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+        optimizer.step()
+        return approx_kl, v_loss.detach(), pg_loss.detach(), entropy_loss.detach(), old_approx_kl, clipfrac, grad_norm
+
+    return TensorDictModule(
+        update,
+        in_keys=["obs", "actions", "logprobs", "advantages", "returns", "vals"],
+        out_keys=["approx_kl", "v_loss", "pg_loss", "entropy_loss", "old_approx_kl", "clipfrac", "grad_norm"],
+    )
+
+
+def check_args(args: Args) -> None:
+    """Reject bad input before any env is built or anything is written."""
+    util.check_env_id(args.env_id)
+    experts.check_expert_args(args.expert_type, args.env_id, args.control_mode, args.model_path, args.expert_fn)
+    if args.evaluate and args.checkpoint is None:
+        raise util.UsageError("--evaluate needs --checkpoint PATH")
+    if args.num_envs < 1 or args.num_eval_envs < 1:
+        raise util.UsageError(f"--num-envs and --num-eval-envs must be >= 1, got {args.num_envs} and {args.num_eval_envs}")
+    if min(args.camera_width, args.camera_height) < 36:
+        raise util.UsageError(f"the CNN needs cameras of at least 36x36 pixels, got "
+                              f"{args.camera_width}x{args.camera_height}")
+    if args.residual_scale < 0:
+        raise util.UsageError(f"--residual-scale must be >= 0, got {args.residual_scale}")
+    if args.num_steps < 1 or args.num_minibatches < 1 or args.update_epochs < 1 or args.eval_freq < 1:
+        raise util.UsageError("--num-steps, --num-minibatches, --update-epochs and --eval-freq must be >= 1")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches:
+        raise util.UsageError(f"--num-minibatches {args.num_minibatches} does not divide the batch of "
+                              f"{batch_size} (= num_envs {args.num_envs} x num_steps {args.num_steps})")
+    if not args.evaluate and args.total_timesteps < batch_size:
+        raise util.UsageError(f"--total-timesteps {args.total_timesteps} is less than one batch of {batch_size} "
+                              f"(num_envs x num_steps)")
+    util.check_writable(args.output_dir)
+
+
+def main():
+    args = tyro.cli(Args)
+    backend = util.resolve_sim_backend(args.sim_backend)
+    cores = os.cpu_count() or 1
+    if args.num_envs is None:
+        args.num_envs = 64 if backend == "gpu" else 2 * cores
+    if args.num_eval_envs is None:
+        args.num_eval_envs = 8 if backend == "gpu" else cores
+    if args.num_minibatches is None:
+        args.num_minibatches = 32 if backend == "gpu" else 2
+    if args.exp_name is None:
+        args.exp_name = os.path.splitext(SCRIPT)[0]
+    chosen_control_mode = args.control_mode is None
+    if chosen_control_mode:
+        args.control_mode = experts.default_control_mode(args.expert_type)
+    check_args(args)
+    checkpoint = util.load_checkpoint(args.checkpoint) if args.checkpoint else None
+    if checkpoint is not None:
+        util.check_checkpoint(checkpoint, args.checkpoint, network=NETWORK, env_id=args.env_id,
+                              expert_type=args.expert_type)
+
+    batch_size = args.num_envs * args.num_steps
+    minibatch_size = batch_size // args.num_minibatches
+    num_iterations = args.total_timesteps // batch_size
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cudagraphs and device.type != "cuda":
+        print("CUDA graphs need a CUDA device; continuing without them")
+        args.cudagraphs = False
+    # On the CPU backend the env workers own the cores while they step, and idle OpenMP threads would
+    # spin against them, so the rollout runs single-threaded; the update, while the workers wait, uses all.
+    rollout_threads, update_threads = (1, torch.get_num_threads()) if backend == "cpu" else (None, None)
+
+    # ---- environments: backend -> expert + residual wrapper ----
+    env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend, obs_mode="state_dict+rgb",
+                      sensor_configs=dict(width=args.camera_width, height=args.camera_height))
+    eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True, **env_kwargs)
+    expert = experts.make_expert(args.expert_type, args.env_id, eval_envs, ik_gain=args.ik_gain,
+                                 model_path=args.model_path, expert_fn=args.expert_fn)
+    eval_envs = util.ExpertResidualWrapper(eval_envs, expert, args.residual_scale, args.clip_final_action,
+                                           policy_obs_fn=util.image_policy_obs(eval_envs, args.include_state))
+    if not args.evaluate:
+        train_backend = util.make_env(args.env_id, args.num_envs, ignore_terminations=not args.partial_reset,
+                                      **env_kwargs)
+        envs = util.ExpertResidualWrapper(
+            train_backend, expert, args.residual_scale, args.clip_final_action,
+            expert_action_noise=args.expert_action_noise,
+            policy_obs_fn=util.image_policy_obs(train_backend, args.include_state))
+    num_eval_steps = args.num_eval_steps or eval_envs.max_episode_steps
+    obs, _ = eval_envs.reset(seed=args.seed + 1_000_000)
+    rgb_shape, state_dim, action_dim = list(obs["rgb"].shape[1:]), obs["state"].shape[1], eval_envs.action_dim
+
+    # ---- agent: trained copy, rollout copy sharing its parameters, optimizer ----
+    agent = Agent(rgb_shape, state_dim, action_dim).to(device)
+    if checkpoint is not None:
+        util.check_checkpoint(checkpoint, args.checkpoint, rgb_shape=rgb_shape, state_dim=state_dim,
+                              action_dim=action_dim, control_mode=eval_envs.control_mode)
+        agent.load_state_dict(checkpoint["model"])  # copies in place: loading never rebinds a parameter
+    # The rollout copy holds the same storage without autograd history, so the policy step stays a pure
+    # inference graph while the update changes the weights it reads.
+    agent_inference = Agent(rgb_shape, state_dim, action_dim).to(device)
+    from_module(agent).data.to_module(agent_inference)
+    # A tensor learning rate can be annealed in place under a captured graph; a graphed but uncompiled
+    # optimizer step must be capturable. fused: one pass over all parameters.
+    optimizer = optim.Adam(agent.parameters(), lr=torch.tensor(args.learning_rate, device=device), eps=1e-5,
+                           fused=True, capturable=args.cudagraphs and not args.compile)
+
+    # ---- executables: eager, compiled, graphed ----
+    policy = agent_inference.get_action_and_value
+    get_value = agent_inference.get_value
+    advantage_fn = functools.partial(gae, gamma=args.gamma, gae_lambda=args.gae_lambda)
+    update = make_update(agent, optimizer, args)
+    if args.compile:
+        policy = torch.compile(policy)
+        get_value = torch.compile(get_value)
+        advantage_fn = torch.compile(advantage_fn, fullgraph=True)
+        update = torch.compile(update)
+
+    # ---- output: logs, checkpoints, videos ----
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
+    os.makedirs(run_dir, exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    print(f"backend: {backend} | envs: {'-' if args.evaluate else args.num_envs} train, {args.num_eval_envs} eval | "
+          f"control mode: {eval_envs.control_mode}{f' (default for --expert-type {args.expert_type})' if chosen_control_mode else ''} | "
+          f"expert: {args.expert_type} | device: {device} | compile: {args.compile} | cudagraphs: {args.cudagraphs}")
+    print(f"logs: {run_dir} (tensorboard --logdir {args.output_dir})")
+    if args.save_model and not args.evaluate:
+        print(f"checkpoints: {run_dir}/ckpt_<iteration>.pt and {run_dir}/final_ckpt.pt")
+    if video_dir:
+        print(f"videos: {video_dir}")
+
+    def save(path: str) -> None:
+        # agent is never compiled itself (only functions are), so its state dict has no _orig_mod. keys
+        meta = dict(script=SCRIPT, network=NETWORK, env_id=args.env_id, obs_mode="rgb",
+                    control_mode=eval_envs.control_mode, rgb_shape=rgb_shape, state_dim=state_dim,
+                    action_dim=action_dim,
+                    expert_type=args.expert_type, residual_scale=args.residual_scale,
+                    args=asdict(args), versions=util.versions())
+        util.save_checkpoint(path, dict(model=agent.state_dict(), meta=meta))
+
+    def evaluate(global_step: int) -> dict:
+        obs, _ = eval_envs.reset()
+        episodes, frames = defaultdict(list), []
+        for _ in range(num_eval_steps):
+            with torch.no_grad():
+                action = agent_inference.get_action(to_device(obs, device), deterministic=True)
+            obs, _, _, _, info = eval_envs.step(action)
+            if video_dir:
+                frames.append(eval_envs.render())
+            if "final_info" in info:
+                mask = info["_final_info"]
+                for k, v in info["final_info"]["episode"].items():
+                    episodes[k].append(v[mask].float())
+        if frames:
+            util.save_video(frames, os.path.join(video_dir, f"eval_{global_step}.mp4"))
+        return {k: torch.cat(v).mean().item() for k, v in episodes.items()}
+
+    def eval_line(metrics: dict, global_step: int) -> str:
+        return f"eval @ {global_step} steps: " + " ".join(
+            f"{k}={metrics[k]:.3f}" for k in ("success_once", "success_at_end", "return") if k in metrics)
+
+    if args.evaluate:
+        metrics = evaluate(0)
+        print(eval_line(metrics, 0))
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(dict(checkpoint=args.checkpoint, eval=metrics), f, indent=2)
+        eval_envs.close()
+        return
+
+    # ---- storage: one preallocated TensorDict, written in place step by step, so shapes never change ----
+    container = TensorDict(
+        obs=dict(rgb=torch.zeros(args.num_steps, args.num_envs, *rgb_shape, dtype=torch.uint8),
+                 state=torch.zeros(args.num_steps, args.num_envs, state_dim)),
+        actions=torch.zeros(args.num_steps, args.num_envs, action_dim),
+        logprobs=torch.zeros(args.num_steps, args.num_envs),
+        rewards=torch.zeros(args.num_steps, args.num_envs),
+        dones=torch.zeros(args.num_steps, args.num_envs),
+        vals=torch.zeros(args.num_steps, args.num_envs),
+        final_values=torch.zeros(args.num_steps, args.num_envs),
+        advantages=torch.zeros(args.num_steps, args.num_envs),
+        returns=torch.zeros(args.num_steps, args.num_envs),
+        batch_size=(args.num_steps, args.num_envs), device=device,
+    )
+    bytes_per_env_step = container.bytes() / (args.num_steps * args.num_envs)
+    print(f"rollout storage: {container.bytes() / 2**20:.1f} MiB, {bytes_per_env_step:.0f} bytes per env step "
+          f"(images {int(np.prod(rgb_shape))} as uint8, state {4 * state_dim})")
+
+    global_step, last_eval = 0, {}
+    seconds = dict(rollout=0.0, env_step=0.0, update=0.0)  # training time, evaluation and compilation excluded
+    next_obs, _ = envs.reset(seed=args.seed)
+    next_obs = to_device(next_obs, device)
+    next_done = torch.zeros(args.num_envs, device=device)
+
+    # ---- compile: trace every compiled function once now, at the run's shapes, so training time excludes it ----
+    if args.compile:
+        # Dynamo specializes on the thread count, so each function is traced under the count it will run with.
+        compile_start = time.time()
+        if rollout_threads:
+            torch.set_num_threads(rollout_threads)
+        with torch.no_grad():
+            policy(next_obs)
+            advantage_fn(get_value(next_obs).flatten(), next_done, container)
+        if update_threads:
+            torch.set_num_threads(update_threads)
+        # the warm-up update must leave no trace: restore the weights and the empty Adam moments in place
+        weights = [p.detach().clone() for p in agent.parameters()]
+        update(container.view(-1)[:minibatch_size], tensordict_out=TensorDict())
+        with torch.no_grad():
+            for p, w in zip(agent.parameters(), weights):
+                p.copy_(w)
+            for state in optimizer.state.values():
+                for v in state.values():
+                    v.zero_()
+        seconds["compile"] = time.time() - compile_start
+        print(f"compiled the policy step, value, GAE and update in {seconds['compile']:.1f} s")
+    if args.cudagraphs:
+        policy = CudaGraphModule(policy)
+        update = CudaGraphModule(update)
+
+    progress = tqdm(total=num_iterations * batch_size, unit="step", dynamic_ncols=True)
+    for iteration in range(1, num_iterations + 1):
+        if rollout_threads:
+            torch.set_num_threads(rollout_threads)
+        # ---- eval (and checkpoint) ----
+        if (iteration - 1) % args.eval_freq == 0:
+            last_eval = evaluate(global_step)
+            for k, v in last_eval.items():
+                writer.add_scalar(f"eval/{k}", v, global_step)
+            progress.write(eval_line(last_eval, global_step))
+            if args.save_model:
+                save(os.path.join(run_dir, f"ckpt_{iteration}.pt"))
+
+        iteration_start = time.time()
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"].copy_((1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate)
+
+        # ---- rollout ----
+        container["final_values"].zero_()
+        action_stats = defaultdict(float)  # summed as tensors; read once per iteration
+        for step in range(args.num_steps):
+            global_step += args.num_envs
+            if args.cudagraphs:
+                # a new graph step before each stochastic call: otherwise the replayed sampling noise repeats
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch.no_grad():
+                action, logprob, _, value = policy(next_obs)
+            container[step] = TensorDict(obs=next_obs, dones=next_done, vals=value.flatten(), actions=action,
+                                         logprobs=logprob, batch_size=(args.num_envs,))
+
+            env_step_start = time.time()
+            next_obs, reward, terminations, truncations, infos = envs.step(action)
+            seconds["env_step"] += time.time() - env_step_start
+            next_obs = to_device(next_obs, device)
+            next_done = (terminations | truncations).to(device, torch.float32)
+            container["rewards"][step] = reward.to(device).view(-1) * args.reward_scale
+            for k, v in infos.get("action_stats", {}).items():
+                action_stats[k] += v / args.num_steps
+            if "final_info" in infos:
+                done_mask = infos["_final_info"].to(device)
+                for k, v in infos["final_info"]["episode"].items():
+                    writer.add_scalar(f"train/{k}", v[done_mask].float().mean().item(), global_step)
+                # Bootstrap every finished episode from its last observation, as ppo.py does. The value is
+                # computed for all envs and masked, which keeps the shapes static for compile and graphs.
+                with torch.no_grad():
+                    final_value = get_value(to_device(infos["final_observation"], device)).flatten()
+                container["final_values"][step] = torch.where(done_mask, final_value, 0.0)
+
+        seconds["rollout"] += time.time() - iteration_start
+        update_start = time.time()
+
+        # ---- advantage (GAE) ----
+        with torch.no_grad():
+            container = advantage_fn(get_value(next_obs).flatten(), next_done, container)
+
+        # ---- update ----
+        if update_threads:
+            torch.set_num_threads(update_threads)
+        container_flat = container.view(-1)
+        update_logs = []
+        for epoch in range(args.update_epochs):
+            for minibatch in torch.randperm(batch_size, device=device).split(minibatch_size):
+                out = update(container_flat[minibatch], tensordict_out=TensorDict())  # scalars: a batch-less output
+                update_logs.append(out)
+                # checked after the step (a graph cannot branch on it): the minibatch that crossed the
+                # threshold is applied, then the epoch stops
+                if args.target_kl is not None and out["approx_kl"] > args.target_kl:
+                    break
+            else:
+                continue
+            break
+
+        # ---- log ----
+        seconds["update"] += time.time() - update_start
+        sps = int(global_step / (seconds["rollout"] + seconds["update"]))
+        logs = torch.stack(update_logs)
+        y_pred, y_true = container["vals"].flatten().cpu().numpy(), container["returns"].flatten().cpu().numpy()
+        var_y = np.var(y_true)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"].item(), global_step)
+        last = logs[-1]
+        writer.add_scalar("losses/value_loss", last["v_loss"].item(), global_step)
+        writer.add_scalar("losses/policy_loss", last["pg_loss"].item(), global_step)
+        writer.add_scalar("losses/entropy", last["entropy_loss"].item(), global_step)
+        writer.add_scalar("losses/old_approx_kl", last["old_approx_kl"].item(), global_step)
+        writer.add_scalar("losses/approx_kl", last["approx_kl"].item(), global_step)
+        writer.add_scalar("losses/clipfrac", logs["clipfrac"].mean().item(), global_step)
+        writer.add_scalar("losses/grad_norm", logs["grad_norm"].mean().item(), global_step)
+        writer.add_scalar("losses/explained_variance", explained_var, global_step)
+        for k, v in action_stats.items():
+            writer.add_scalar(f"actions/{k}_abs_mean", float(v), global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        for k, v in seconds.items():
+            writer.add_scalar(f"time/{k}_seconds", v, global_step)
+        progress.update(batch_size)
+        progress.set_postfix(SPS=sps, eval_success=f"{last_eval.get('success_once', float('nan')):.2f}")
+
+    progress.close()
+    if rollout_threads:
+        torch.set_num_threads(rollout_threads)
+    # ---- final eval and checkpoint ----
+    last_eval = evaluate(global_step)
+    for k, v in last_eval.items():
+        writer.add_scalar(f"eval/{k}", v, global_step)
+    print(eval_line(last_eval, global_step))
+    if args.save_model:
+        save(os.path.join(run_dir, "final_ckpt.pt"))
+        print(f"saved {run_dir}/final_ckpt.pt")
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(dict(global_step=global_step, train_sps=global_step / (seconds["rollout"] + seconds["update"]),
+                       seconds=seconds, buffer_bytes_per_env_step=bytes_per_env_step, eval=last_eval), f, indent=2)
+    writer.close()
+    envs.close()
+    eval_envs.close()
+
+
+if __name__ == "__main__":
+    util.run_cli(main)

@@ -1,0 +1,145 @@
+"""ppo_fast.py and ppo_rgb_fast.py: GAE and the compiled update against their references, tiny CPU runs."""
+
+import copy
+import functools
+import glob
+import os
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+import experts
+import ppo
+import ppo_fast
+import util
+from conftest import TINY, run_script
+
+CUDA_NOTICE = "CUDA graphs need a CUDA device; continuing without them"
+
+
+def random_rollout(num_steps=16, num_envs=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dones = (torch.rand(num_steps, num_envs, generator=g) < 0.25).float()
+    next_done = (torch.rand(num_envs, generator=g) < 0.25).float()
+    # a finished episode has a final value exactly where the next observation starts a new one
+    ends = torch.cat([dones[1:], next_done[None]])
+    return dict(rewards=torch.rand(num_steps, num_envs, generator=g),
+                values=torch.randn(num_steps, num_envs, generator=g),
+                dones=dones,
+                final_values=torch.randn(num_steps, num_envs, generator=g) * ends,
+                next_value=torch.randn(num_envs, generator=g),
+                next_done=next_done)
+
+
+def test_gae_matches_ppo_eager_and_compiled():
+    r = random_rollout()
+    advantages, returns = ppo.gae(r["rewards"], r["values"], r["dones"], r["final_values"], r["next_value"][None],
+                                  r["next_done"], gamma=0.8, gae_lambda=0.9)
+    container = TensorDict(rewards=r["rewards"], vals=r["values"], dones=r["dones"], final_values=r["final_values"],
+                           advantages=torch.zeros_like(r["rewards"]), returns=torch.zeros_like(r["rewards"]),
+                           batch_size=r["rewards"].shape)
+    fast_gae = functools.partial(ppo_fast.gae, gamma=0.8, gae_lambda=0.9)
+    for fn in (fast_gae, torch.compile(fast_gae, fullgraph=True)):
+        out = fn(r["next_value"], r["next_done"], container.clone())
+        torch.testing.assert_close(out["advantages"], advantages, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out["returns"], returns, rtol=1e-6, atol=1e-6)
+    assert advantages.abs().min() > 0, "every step carries an advantage"
+
+
+def test_compiled_update_matches_eager():
+    torch.manual_seed(0)
+    obs_dim, action_dim, batch = 12, 4, 64
+    args = ppo_fast.Args(ent_coef=0.01, clip_vloss=True)
+    agents = [ppo_fast.Agent(obs_dim, action_dim)]
+    agents.append(copy.deepcopy(agents[0]))
+    optimizers = [torch.optim.Adam(a.parameters(), lr=torch.tensor(1e-3), eps=1e-5, fused=True) for a in agents]
+    eager = ppo_fast.make_update(agents[0], optimizers[0], args)
+    compiled = torch.compile(ppo_fast.make_update(agents[1], optimizers[1], args))
+
+    obs = torch.randn(batch, obs_dim)
+    with torch.no_grad():
+        actions, logprobs, _, values = agents[0].get_action_and_value(obs)
+    data = TensorDict(obs=obs, actions=actions, logprobs=logprobs + 0.1 * torch.randn(batch),
+                      advantages=torch.randn(batch), returns=values.flatten() + torch.randn(batch),
+                      vals=values.flatten(), batch_size=(batch,))
+    for _ in range(3):  # several steps, so Adam's moments take part
+        outs = [update(data.clone(), tensordict_out=TensorDict()) for update in (eager, compiled)]
+        for key in ("v_loss", "pg_loss", "entropy_loss", "approx_kl", "clipfrac", "grad_norm"):
+            torch.testing.assert_close(outs[1][key], outs[0][key], rtol=1e-5, atol=1e-6)
+        for (name, p_eager), p_compiled in zip(agents[0].named_parameters(), agents[1].parameters()):
+            torch.testing.assert_close(p_compiled, p_eager, rtol=1e-5, atol=1e-6, msg=name)
+    start = ppo_fast.Agent(obs_dim, action_dim)
+    assert outs[0]["v_loss"] > 0 and not torch.equal(agents[0].actor_logstd, start.actor_logstd)
+
+
+def load_model_expert(ckpt, **env_kwargs):
+    """A model expert from `ckpt`, acting on ManiSkill's native one-env path: (expert, obs, env)."""
+    env = util.make_env("PickCube-v1", 1, sim_backend="physx_cpu", control_mode="pd_joint_delta_pos", **env_kwargs)
+    expert = experts.make_expert("model", "PickCube-v1", env, model_path=ckpt)
+    obs, _ = env.reset(seed=3)
+    return expert, obs, env
+
+
+def test_ppo_fast_compile_cudagraphs_on_cpu(tmp_path):
+    proc = run_script("ppo_fast.py", [*TINY, "--compile", "--cudagraphs", "--no-capture-video",
+                                      "--output-dir", str(tmp_path)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if not torch.cuda.is_available():
+        assert proc.stdout.count(CUDA_NOTICE) == 1
+    assert "compiled the policy step, value, GAE and update in" in proc.stdout
+    assert "eval @ 32 steps: success_once=" in proc.stdout
+    (ckpt,) = glob.glob(str(tmp_path / "*" / "final_ckpt.pt"))
+    payload = torch.load(ckpt, weights_only=True)
+    assert payload["meta"]["network"] == "mlp-state" and payload["meta"]["script"] == "ppo_fast.py"
+    assert not any(k.startswith("_orig_mod.") for k in payload["model"])
+
+    expert, obs, env = load_model_expert(ckpt)
+    try:  # trained with the zero expert and residual scale 1: the expert is the clipped actor mean
+        agent = ppo.Agent(payload["meta"]["obs_dim"], payload["meta"]["action_dim"])
+        agent.load_state_dict(payload["model"])
+        with torch.no_grad():
+            mean = agent.get_action(torch.cat([util.flat_state(obs), torch.zeros(1, 8)], dim=1), deterministic=True)
+        torch.testing.assert_close(expert(obs), mean.clamp(-1, 1))
+    finally:
+        env.close()
+
+
+def test_ppo_rgb_fast_compile_on_cpu(tmp_path):
+    proc = run_script("ppo_rgb_fast.py", [*TINY, "--compile", "--no-capture-video", "--camera-width", "64",
+                                          "--camera-height", "64", "--output-dir", str(tmp_path)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compiled the policy step, value, GAE and update in" in proc.stdout
+    (ckpt,) = glob.glob(str(tmp_path / "*" / "final_ckpt.pt"))
+    payload = torch.load(ckpt, weights_only=True)
+    assert payload["meta"]["network"] == "cnn-rgb-state" and payload["meta"]["rgb_shape"] == [64, 64, 3]
+    assert not any(k.startswith("_orig_mod.") for k in payload["model"])
+
+    # an image expert acts from the run's cameras: same images and state -> same action as the agent's mean
+    expert, obs, env = load_model_expert(ckpt, obs_mode="state_dict+rgb", sensor_configs=dict(width=64, height=64))
+    try:
+        import ppo_rgb
+
+        agent = ppo_rgb.Agent([64, 64, 3], payload["meta"]["state_dim"], payload["meta"]["action_dim"])
+        agent.load_state_dict(payload["model"])
+        policy_obs = util.with_expert_action(util.image_policy_obs(env)(obs), torch.zeros(1, 8))
+        with torch.no_grad():
+            mean = agent.get_action(policy_obs, deterministic=True)
+        torch.testing.assert_close(expert(obs), mean.clamp(-1, 1))
+    finally:
+        env.close()
+
+    # a state run has no cameras: the image expert refuses with one line
+    proc = run_script("ppo.py", [*TINY, "--expert-type", "model", "--model-path", ckpt, "--output-dir",
+                                 str(tmp_path / "state")], cwd=tmp_path)
+    assert proc.returncode == 2 and "acts from camera images" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["ppo_fast.py", "ppo_rgb_fast.py"])
+def test_cudagraphs_with_gpu_backend_without_cuda_is_refused(script, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = run_script(script, [*TINY, "--sim-backend", "gpu", "--cudagraphs", "--output-dir", str(tmp_path / "o")],
+                      cwd=tmp_path)
+    assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
