@@ -8,6 +8,11 @@ Measures, on one task with state observations and random actions:
   wrapped_zero_sps      CpuVectorEnv under ExpertResidualWrapper with the zero expert
   train_sps             ppo.py training (rollout + update, evaluation excluded) on the CPU backend
   train_env_step_sps    the same run's env steps per second spent inside envs.step (wrapper included)
+  fast_train_sps        ppo_fast.py training at the same settings, eager
+  fast_compiled_train_sps  ppo_fast.py --compile, compilation excluded
+  compile_seconds       that run's compilation, with an empty inductor cache (what a first run costs)
+The three training runs are interleaved --train-repeats times and each reports its median, so that
+drift in the machine's speed affects them alike.
 and, with one 128x128 camera (obs_mode="state_dict+rgb"), at --rgb-num-envs envs:
   rgb_single_env_sps, rgb_cpu_vec_sps, rgb_train_sps (ppo_rgb.py), rgb_buffer_bytes_per_env_step
 
@@ -44,7 +49,9 @@ class Args:
     steps: int = 600
     """batched steps per vectorized measurement (single env: steps x num_envs / 4)"""
     train_timesteps: int = 24_000
-    """env steps of the ppo.py run"""
+    """env steps of each training run (ppo.py, ppo_fast.py, ppo_fast.py --compile)"""
+    train_repeats: int = 3
+    """interleaved repeats of the three state training runs"""
     rgb_num_envs: int = 4
     """envs for the RGB measurements (128x128 camera)"""
     rgb_steps: int = 100
@@ -113,14 +120,17 @@ def maniskill_recipe_sps(args: Args) -> float:
     return sps
 
 
-def train_sps(args: Args, script: str = "ppo.py", num_envs: int = 0, timesteps: int = 0) -> tuple[float, dict]:
+def train_sps(args: Args, script: str = "ppo.py", num_envs: int = 0, timesteps: int = 0,
+              extra: tuple = ()) -> tuple[float, dict]:
     """Training SPS of one of the scripts on the CPU backend, and its summary."""
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as cache:
         cmd = [sys.executable, script, "--sim-backend", "cpu", "--env-id", args.env_id, "--num-envs",
                str(num_envs or args.num_envs), "--total-timesteps", str(timesteps or args.train_timesteps),
                "--eval-freq", "100000", "--no-capture-video", "--no-save-model", "--num-eval-envs", "1",
-               "--output-dir", out]
+               "--output-dir", out, *extra]
+        # an empty inductor cache per run: compile_seconds is what a first run pays
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache),
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         (run,) = os.listdir(out)
         summary = json.load(open(os.path.join(out, run, "summary.json")))
@@ -155,10 +165,19 @@ def main():
     results["cpu_vec_sps"], results["wrapped_zero_sps"] = vector_sps(
         util.make_env(args.env_id, args.num_envs, "cpu", **kw), args)
     results["maniskill_recipe_sps"] = maniskill_recipe_sps(args)
-    results["train_sps"], summary = train_sps(args)
+    runs = dict(train=("ppo.py", ()), fast_train=("ppo_fast.py", ()), fast_compiled_train=("ppo_fast.py", ("--compile",)))
+    summaries = {name: [] for name in runs}
+    for _ in range(args.train_repeats):
+        for name, (script, extra) in runs.items():
+            summaries[name].append(train_sps(args, script, extra=extra)[1])
+    for name, runs_of_name in summaries.items():
+        median = sorted(runs_of_name, key=lambda s: s["train_sps"])[len(runs_of_name) // 2]
+        results[f"{name}_sps"] = median["train_sps"]
+        results[f"{name}_sps_all"] = [s["train_sps"] for s in runs_of_name]
+        results[f"{name}_seconds"] = median["seconds"]
     # env steps/s of envs.step inside training: the policy's motions cost the simulator more than random ones
-    results["train_env_step_sps"] = args.train_timesteps / summary["seconds"]["env_step"]
-    results["train_seconds"] = summary["seconds"]
+    results["train_env_step_sps"] = args.train_timesteps / results["train_seconds"]["env_step"]
+    results["compile_seconds"] = results["fast_compiled_train_seconds"]["compile"]
     results["rgb_single_env_sps"] = rgb_single_env_sps(args)
     results["rgb_cpu_vec_sps"] = rgb_cpu_vec_sps(args)
     results["rgb_train_sps"], summary = train_sps(args, "ppo_rgb.py", args.rgb_num_envs, args.rgb_train_timesteps)
@@ -171,6 +190,8 @@ def main():
         ("cpu_vec_sps >= 2.5 x maniskill_recipe_sps", r["cpu_vec_sps"] / r["maniskill_recipe_sps"], 2.5),
         ("wrapped_zero_sps >= 0.97 x cpu_vec_sps", r["wrapped_zero_sps"] / r["cpu_vec_sps"], 0.97),
         ("train_sps >= 0.75 x cpu_vec_sps", r["train_sps"] / r["cpu_vec_sps"], 0.75),
+        ("fast_train_sps >= 1.0 x train_sps", r["fast_train_sps"] / r["train_sps"], 1.0),
+        ("fast_compiled_train_sps >= 1.0 x train_sps", r["fast_compiled_train_sps"] / r["train_sps"], 1.0),
         ("rgb_cpu_vec_sps >= 0.85 x cores x rgb_single_env_sps",
          r["rgb_cpu_vec_sps"] / (cores * r["rgb_single_env_sps"]), 0.85),
         ("rgb_train_sps >= 0.7 x rgb_cpu_vec_sps", r["rgb_train_sps"] / r["rgb_cpu_vec_sps"], 0.7),
@@ -178,8 +199,10 @@ def main():
     print(f"\n{args.env_id}, state, {args.control_mode}, {args.num_envs} envs, {cores} cores")
     print(f"{'measurement':<24}{'env steps/s':>14}")
     for key in ("single_env_sps", "cpu_vec_sps", "maniskill_recipe_sps", "wrapped_zero_sps", "train_sps",
-                "train_env_step_sps", "rgb_single_env_sps", "rgb_cpu_vec_sps", "rgb_train_sps"):
+                "train_env_step_sps", "fast_train_sps", "fast_compiled_train_sps", "rgb_single_env_sps",
+                "rgb_cpu_vec_sps", "rgb_train_sps"):
         print(f"{key:<24}{r[key]:>14.1f}")
+    print(f"compile_seconds {r['compile_seconds']:.1f} (ppo_fast.py --compile, empty inductor cache)")
     print(f"rgb_buffer_bytes_per_env_step {r['rgb_buffer_bytes_per_env_step']:.0f} "
           f"(image {128 * 128 * 3} bytes; RGB rows: 128x128 camera, {args.rgb_num_envs} envs)")
     print(f"\n{'target':<56}{'ratio':>8}  met")
