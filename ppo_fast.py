@@ -194,8 +194,10 @@ def gae(next_value, next_done, container, gamma: float, gae_lambda: float):
     return container
 
 
-def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args) -> TensorDictModule:
-    """One PPO gradient step on a minibatch, as a TensorDictModule so it compiles and graphs as a whole."""
+def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args,
+                distributed: util.Distributed = util.Distributed()) -> TensorDictModule:
+    """One PPO gradient step on a minibatch, as a TensorDictModule so it compiles and graphs as a whole.
+    Under torchrun the gradients are averaged over the ranks before clipping."""
 
     def update(obs, actions, logprobs, advantages, returns, vals):
         optimizer.zero_grad()
@@ -224,6 +226,7 @@ def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args) -> TensorD
         loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
 
         loss.backward()
+        distributed.average_gradients(agent)
         grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
         optimizer.step()
         return approx_kl, v_loss.detach(), pg_loss.detach(), entropy_loss.detach(), old_approx_kl, clipfrac, grad_norm
@@ -259,8 +262,9 @@ def check_args(args: Args) -> None:
 
 def main():
     args = tyro.cli(Args)
+    distributed = util.init_distributed()  # under torchrun: this rank's place; otherwise a single process
     backend = util.resolve_sim_backend(args.sim_backend)
-    cores = os.cpu_count() or 1
+    cores = util.available_cores()
     if args.num_envs is None:
         args.num_envs = 512 if backend == "gpu" else 4 * cores
     if args.num_eval_envs is None:
@@ -273,47 +277,58 @@ def main():
     if chosen_control_mode:
         args.control_mode = experts.default_control_mode(args.expert_type)
     check_args(args)
+    if args.evaluate and distributed.enabled:
+        raise util.UsageError("--evaluate runs in one process: start it with python, not torchrun")
     checkpoint = util.load_checkpoint(args.checkpoint) if args.checkpoint else None
     if checkpoint is not None:
         util.check_checkpoint(checkpoint, args.checkpoint, network=NETWORK, env_id=args.env_id,
                               expert_type=args.expert_type)
 
-    batch_size = args.num_envs * args.num_steps
+    batch_size = args.num_envs * args.num_steps  # per rank
     minibatch_size = batch_size // args.num_minibatches
-    num_iterations = args.total_timesteps // batch_size
+    num_iterations = args.total_timesteps // (batch_size * distributed.world_size)
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    seed = args.seed + distributed.rank  # each rank explores differently; rank 0's weights are broadcast
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    device = torch.device("cuda", distributed.local_rank) if torch.cuda.is_available() and args.cuda \
+        else torch.device("cpu")
     if args.cudagraphs and device.type != "cuda":
-        print("CUDA graphs need a CUDA device; continuing without them")
+        if distributed.is_main:
+            print("CUDA graphs need a CUDA device; continuing without them")
         args.cudagraphs = False
     # On the CPU backend the env workers own the cores while they step, and idle OpenMP threads would
     # spin against them, so the rollout runs single-threaded; the update, while the workers wait, uses all.
     rollout_threads, update_threads = (1, torch.get_num_threads()) if backend == "cpu" else (None, None)
 
-    # ---- environments: backend -> expert + residual wrapper ----
+    # ---- environments: backend -> expert + residual wrapper (under torchrun, rank 0 alone evaluates) ----
     env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend)
-    eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True, **env_kwargs)
-    expert = experts.make_expert(args.expert_type, args.env_id, eval_envs, ik_gain=args.ik_gain,
-                                 model_path=args.model_path, expert_fn=args.expert_fn)
-    eval_envs = util.ExpertResidualWrapper(eval_envs, expert, args.residual_scale, args.clip_final_action)
+    envs = eval_envs = None
+    if distributed.is_main:
+        eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True, **env_kwargs)
     if not args.evaluate:
-        envs = util.ExpertResidualWrapper(
-            util.make_env(args.env_id, args.num_envs, ignore_terminations=not args.partial_reset, **env_kwargs),
-            expert, args.residual_scale, args.clip_final_action, expert_action_noise=args.expert_action_noise)
-    num_eval_steps = args.num_eval_steps or eval_envs.max_episode_steps
-    obs, _ = eval_envs.reset(seed=args.seed + 1_000_000)
-    obs_dim, action_dim = obs.shape[1], eval_envs.action_dim
+        envs = util.make_env(args.env_id, args.num_envs, ignore_terminations=not args.partial_reset, **env_kwargs)
+    expert = experts.make_expert(args.expert_type, args.env_id, envs if eval_envs is None else eval_envs,
+                                 ik_gain=args.ik_gain, model_path=args.model_path, expert_fn=args.expert_fn)
+    if eval_envs is not None:
+        eval_envs = util.ExpertResidualWrapper(eval_envs, expert, args.residual_scale, args.clip_final_action)
+        num_eval_steps = args.num_eval_steps or eval_envs.max_episode_steps
+        obs, _ = eval_envs.reset(seed=args.seed + 1_000_000)
+    if envs is not None:
+        envs = util.ExpertResidualWrapper(envs, expert, args.residual_scale, args.clip_final_action,
+                                          expert_action_noise=args.expert_action_noise)
+        obs, _ = envs.reset(seed=seed)  # training starts from this observation
+    obs_dim, action_dim = obs.shape[1], (envs or eval_envs).action_dim
 
     # ---- agent: trained copy, rollout copy sharing its parameters, optimizer ----
     agent = Agent(obs_dim, action_dim).to(device)
     if checkpoint is not None:
         util.check_checkpoint(checkpoint, args.checkpoint, obs_dim=obs_dim, action_dim=action_dim,
-                              control_mode=eval_envs.control_mode)
+                              control_mode=args.control_mode)
         agent.load_state_dict(checkpoint["model"])  # copies in place: loading never rebinds a parameter
+    distributed.broadcast_parameters(agent)  # every rank starts from rank 0's weights
     # The rollout copy holds the same storage without autograd history, so the policy step stays a pure
     # inference graph while the update changes the weights it reads.
     agent_inference = Agent(obs_dim, action_dim).to(device)
@@ -327,38 +342,40 @@ def main():
     policy = agent_inference.get_action_and_value
     get_value = agent_inference.get_value
     advantage_fn = functools.partial(gae, gamma=args.gamma, gae_lambda=args.gae_lambda)
-    update = make_update(agent, optimizer, args)
+    update = make_update(agent, optimizer, args, distributed)
     if args.compile:
         policy = torch.compile(policy)
         get_value = torch.compile(get_value)
         advantage_fn = torch.compile(advantage_fn, fullgraph=True)
         update = torch.compile(update)
 
-    # ---- output: logs, checkpoints, videos ----
+    # ---- output: logs, checkpoints, videos (under torchrun, rank 0 alone writes) ----
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
     video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
-    os.makedirs(run_dir, exist_ok=True)
-    if args.track:
-        import wandb
+    if distributed.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        if args.track:
+            import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    print(f"backend: {backend} | envs: {'-' if args.evaluate else args.num_envs} train, {args.num_eval_envs} eval | "
-          f"control mode: {eval_envs.control_mode}{f' (default for --expert-type {args.expert_type})' if chosen_control_mode else ''} | "
-          f"expert: {args.expert_type} | device: {device} | compile: {args.compile} | cudagraphs: {args.cudagraphs}")
-    print(f"logs: {run_dir} (tensorboard --logdir {args.output_dir})")
-    if args.save_model and not args.evaluate:
-        print(f"checkpoints: {run_dir}/ckpt_<iteration>.pt and {run_dir}/final_ckpt.pt")
-    if video_dir:
-        print(f"videos: {video_dir}")
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=run_name, save_code=True)
+        writer = SummaryWriter(run_dir)
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        ranks = f" x {distributed.world_size} ranks" if distributed.enabled else ""
+        print(f"backend: {backend} | envs: {'-' if args.evaluate else args.num_envs}{ranks} train, {args.num_eval_envs} eval | "
+              f"control mode: {args.control_mode}{f' (default for --expert-type {args.expert_type})' if chosen_control_mode else ''} | "
+              f"expert: {args.expert_type} | device: {device} | compile: {args.compile} | cudagraphs: {args.cudagraphs}")
+        print(f"logs: {run_dir} (tensorboard --logdir {args.output_dir})")
+        if args.save_model and not args.evaluate:
+            print(f"checkpoints: {run_dir}/ckpt_<iteration>.pt and {run_dir}/final_ckpt.pt")
+        if video_dir:
+            print(f"videos: {video_dir}")
 
     def save(path: str) -> None:
         # agent is never compiled itself (only functions are), so its state dict has no _orig_mod. keys
         meta = dict(script=SCRIPT, network=NETWORK, env_id=args.env_id, obs_mode="state",
-                    control_mode=eval_envs.control_mode, obs_dim=obs_dim, action_dim=action_dim,
+                    control_mode=args.control_mode, obs_dim=obs_dim, action_dim=action_dim,
                     expert_type=args.expert_type, residual_scale=args.residual_scale,
                     args=asdict(args), versions=util.versions())
         util.save_checkpoint(path, dict(model=agent.state_dict(), meta=meta))
@@ -408,9 +425,9 @@ def main():
 
     global_step, last_eval = 0, {}
     seconds = dict(rollout=0.0, env_step=0.0, update=0.0)  # training time, evaluation and compilation excluded
-    next_obs, _ = envs.reset(seed=args.seed)
-    next_obs = next_obs.to(device)
+    next_obs = obs.to(device)
     next_done = torch.zeros(args.num_envs, device=device)
+    parameter_hashes = []  # under torchrun: per iteration, the hash of every rank's weights
 
     # ---- compile: trace every compiled function once now, at the run's shapes, so training time excludes it ----
     if args.compile:
@@ -433,17 +450,20 @@ def main():
                 for v in state.values():
                     v.zero_()
         seconds["compile"] = time.time() - compile_start
-        print(f"compiled the policy step, value, GAE and update in {seconds['compile']:.1f} s")
+        if distributed.is_main:
+            print(f"compiled the policy step, value, GAE and update in {seconds['compile']:.1f} s")
     if args.cudagraphs:
         policy = CudaGraphModule(policy)
         update = CudaGraphModule(update)
 
-    progress = tqdm(total=num_iterations * batch_size, unit="step", dynamic_ncols=True)
+    steps_per_iteration = batch_size * distributed.world_size  # global_step and SPS count every rank's steps
+    progress = tqdm(total=num_iterations * steps_per_iteration, unit="step", dynamic_ncols=True,
+                    disable=not distributed.is_main)
     for iteration in range(1, num_iterations + 1):
         if rollout_threads:
             torch.set_num_threads(rollout_threads)
         # ---- eval (and checkpoint) ----
-        if (iteration - 1) % args.eval_freq == 0:
+        if distributed.is_main and (iteration - 1) % args.eval_freq == 0:
             last_eval = evaluate(global_step)
             for k, v in last_eval.items():
                 writer.add_scalar(f"eval/{k}", v, global_step)
@@ -459,7 +479,7 @@ def main():
         container["final_values"].zero_()
         action_stats = defaultdict(float)  # summed as tensors; read once per iteration
         for step in range(args.num_steps):
-            global_step += args.num_envs
+            global_step += args.num_envs * distributed.world_size
             if args.cudagraphs:
                 # a new graph step before each stochastic call: otherwise the replayed sampling noise repeats
                 torch.compiler.cudagraph_mark_step_begin()
@@ -479,7 +499,8 @@ def main():
             if "final_info" in infos:
                 done_mask = infos["_final_info"].to(device)
                 for k, v in infos["final_info"]["episode"].items():
-                    writer.add_scalar(f"train/{k}", v[done_mask].float().mean().item(), global_step)
+                    if distributed.is_main:
+                        writer.add_scalar(f"train/{k}", v[done_mask].float().mean().item(), global_step)
                 # Bootstrap every finished episode from its last observation, as ppo.py does. The value is
                 # computed for all envs and masked, which keeps the shapes static for compile and graphs.
                 with torch.no_grad():
@@ -504,14 +525,22 @@ def main():
                 update_logs.append(out)
                 # checked after the step (a graph cannot branch on it): the minibatch that crossed the
                 # threshold is applied, then the epoch stops
-                if args.target_kl is not None and out["approx_kl"] > args.target_kl:
+                if args.target_kl is not None and distributed.mean(out["approx_kl"]) > args.target_kl:
                     break
             else:
                 continue
             break
 
-        # ---- log ----
         seconds["update"] += time.time() - update_start
+        if distributed.enabled:  # the ranks must hold the same weights after every update
+            parameter_hashes.append(distributed.parameter_hashes(agent))
+            if len(set(parameter_hashes[-1])) != 1:
+                raise RuntimeError(f"the ranks' weights differ after iteration {iteration}: {parameter_hashes[-1]}")
+
+        # ---- log ----
+        progress.update(steps_per_iteration)
+        if not distributed.is_main:
+            continue
         sps = int(global_step / (seconds["rollout"] + seconds["update"]))
         logs = torch.stack(update_logs)
         y_pred, y_true = container["vals"].flatten().cpu().numpy(), container["returns"].flatten().cpu().numpy()
@@ -532,26 +561,30 @@ def main():
         writer.add_scalar("charts/SPS", sps, global_step)
         for k, v in seconds.items():
             writer.add_scalar(f"time/{k}_seconds", v, global_step)
-        progress.update(batch_size)
         progress.set_postfix(SPS=sps, eval_success=f"{last_eval.get('success_once', float('nan')):.2f}")
 
     progress.close()
     if rollout_threads:
         torch.set_num_threads(rollout_threads)
     # ---- final eval and checkpoint ----
-    last_eval = evaluate(global_step)
-    for k, v in last_eval.items():
-        writer.add_scalar(f"eval/{k}", v, global_step)
-    print(eval_line(last_eval, global_step))
-    if args.save_model:
-        save(os.path.join(run_dir, "final_ckpt.pt"))
-        print(f"saved {run_dir}/final_ckpt.pt")
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(dict(global_step=global_step, train_sps=global_step / (seconds["rollout"] + seconds["update"]),
-                       seconds=seconds, eval=last_eval), f, indent=2)
-    writer.close()
+    if distributed.is_main:
+        last_eval = evaluate(global_step)
+        for k, v in last_eval.items():
+            writer.add_scalar(f"eval/{k}", v, global_step)
+        print(eval_line(last_eval, global_step))
+        if args.save_model:
+            save(os.path.join(run_dir, "final_ckpt.pt"))
+            print(f"saved {run_dir}/final_ckpt.pt")
+        summary = dict(global_step=global_step, train_sps=global_step / (seconds["rollout"] + seconds["update"]),
+                       seconds=seconds, eval=last_eval)
+        if distributed.enabled:
+            summary.update(world_size=distributed.world_size, parameter_hashes=parameter_hashes)
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        writer.close()
+        eval_envs.close()
     envs.close()
-    eval_envs.close()
+    distributed.close()
 
 
 if __name__ == "__main__":

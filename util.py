@@ -16,6 +16,7 @@ Data path: backend -> ExpertResidualWrapper -> training script.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import multiprocessing as mp
 import os
 import pickle
@@ -80,6 +81,11 @@ def check_writable(directory: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Backends
 # ----------------------------------------------------------------------------------------------
+def available_cores() -> int:
+    """The cores this process may run on (under torchrun on the CPU, this rank's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def make_env(
     env_id: str,
     num_envs: int,
@@ -321,7 +327,7 @@ class CpuVectorEnv:
         # how envs are spread over workers; reseeding it from each env's own episode seed makes every
         # episode a function of the seed given to reset() alone.
         env_kwargs.setdefault("enhanced_determinism", True)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = available_cores()
         num_workers = max(1, min(num_envs, num_workers or cores))
         bounds = np.linspace(0, num_envs, num_workers + 1).round().astype(int)
         self.slices = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -613,6 +619,93 @@ class ExpertResidualWrapper:
 
     def close(self) -> None:
         self.env.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data-parallel training under torchrun
+# ----------------------------------------------------------------------------------------------
+class Distributed:
+    """This process's place in a torchrun job; one process of one when not launched by torchrun."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0):
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.enabled = world_size > 1
+        self.is_main = rank == 0
+
+    def average_gradients(self, module: torch.nn.Module) -> None:
+        """Replace each gradient by its mean over the ranks: one all-reduce of one flat buffer."""
+        if self.enabled:
+            _all_reduce_mean([p.grad for p in module.parameters() if p.grad is not None])
+
+    def broadcast_parameters(self, module: torch.nn.Module) -> None:
+        """Give every rank rank 0's parameters (after initialisation or loading)."""
+        if self.enabled:
+            for p in module.parameters():
+                torch.distributed.broadcast(p.data, src=0)
+
+    def parameter_hashes(self, module: torch.nn.Module) -> list[int]:
+        """A hash of the exact parameter bytes of every rank (on every rank); equal hashes mean the ranks
+        hold bitwise-identical parameters."""
+        flat = torch.cat([p.detach().flatten() for p in module.parameters()]).cpu()
+        digest = torch.tensor([int.from_bytes(hashlib.sha256(flat.numpy().tobytes()).digest()[:8], "little",
+                                              signed=True)])
+        if not self.enabled:
+            return [int(digest)]
+        gathered = [torch.zeros_like(digest) for _ in range(self.world_size)]
+        torch.distributed.all_gather(gathered, digest.to(_collective_device()))
+        return [int(h) for h in gathered]
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a scalar over the ranks, so that decisions taken on it agree on every rank."""
+        if not self.enabled:
+            return value
+        total = value.detach().clone()
+        torch.distributed.all_reduce(total)
+        return total / self.world_size
+
+    def close(self) -> None:
+        if self.enabled:
+            torch.distributed.destroy_process_group()
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
+        else torch.device("cpu")
+
+
+@torch.compiler.disable  # a collective is a boundary for compiled code, not something to trace
+def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
+    flat = torch.cat([t.flatten() for t in tensors])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def init_distributed() -> Distributed:
+    """Join the torchrun job this process belongs to, if any.
+
+    The backend is NCCL with CUDA (one GPU per local rank) and gloo without. On the CPU the ranks split
+    the cores between them, so each rank's CPU env workers and update threads keep to their own cores.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group("nccl")
+    else:
+        torch.distributed.init_process_group("gloo")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if hasattr(os, "sched_setaffinity"):
+            cpus = sorted(os.sched_getaffinity(0))
+            share = cpus[local_rank::local_world] or [cpus[local_rank % len(cpus)]]
+            os.sched_setaffinity(0, share)
+            torch.set_num_threads(len(share))
+    return Distributed(rank, world_size, local_rank)
 
 
 # ----------------------------------------------------------------------------------------------
