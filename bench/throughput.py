@@ -11,8 +11,10 @@ Measures, on one task with state observations and random actions:
   fast_train_sps        ppo_fast.py training at the same settings, eager
   fast_compiled_train_sps  ppo_fast.py --compile, compilation excluded
   compile_seconds       that run's compilation, with an empty inductor cache (what a first run costs)
-The three training runs are interleaved --train-repeats times and each reports its median, so that
-drift in the machine's speed affects them alike.
+  ddp2_train_sps        ppo.py under torchrun with 2 ranks, each with half the envs and one CPU worker (the
+                        cores are shared, so on 2 cores this measures the overhead of data parallelism)
+The training runs are interleaved --train-repeats times and each reports its median, so that drift in
+the machine's speed affects them alike.
 and, with one 128x128 camera (obs_mode="state_dict+rgb"), at --rgb-num-envs envs:
   rgb_single_env_sps, rgb_cpu_vec_sps, rgb_train_sps (ppo_rgb.py), rgb_buffer_bytes_per_env_step
 
@@ -121,11 +123,13 @@ def maniskill_recipe_sps(args: Args) -> float:
 
 
 def train_sps(args: Args, script: str = "ppo.py", num_envs: int = 0, timesteps: int = 0,
-              extra: tuple = ()) -> tuple[float, dict]:
-    """Training SPS of one of the scripts on the CPU backend, and its summary."""
+              extra: tuple = (), ranks: int = 1) -> tuple[float, dict]:
+    """Training SPS of one of the scripts on the CPU backend (under torchrun with `ranks` > 1), and its summary."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] \
+        if ranks > 1 else [sys.executable]
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as cache:
-        cmd = [sys.executable, script, "--sim-backend", "cpu", "--env-id", args.env_id, "--num-envs",
-               str(num_envs or args.num_envs), "--total-timesteps", str(timesteps or args.train_timesteps),
+        cmd = [*launcher, script, "--sim-backend", "cpu", "--env-id", args.env_id, "--num-envs",
+               str((num_envs or args.num_envs) // ranks), "--total-timesteps", str(timesteps or args.train_timesteps),
                "--eval-freq", "100000", "--no-capture-video", "--no-save-model", "--num-eval-envs", "1",
                "--output-dir", out, *extra]
         # an empty inductor cache per run: compile_seconds is what a first run pays
@@ -135,6 +139,18 @@ def train_sps(args: Args, script: str = "ppo.py", num_envs: int = 0, timesteps: 
         (run,) = os.listdir(out)
         summary = json.load(open(os.path.join(out, run, "summary.json")))
         return summary["train_sps"], summary
+
+
+def all_reduce_bytes_per_step(args: Args) -> int:
+    """Bytes each rank all-reduces per gradient step of ppo.py: its parameter count x 4 (float32 gradients)."""
+    import ppo
+
+    env = util.make_env(args.env_id, 1, "physx_cpu", control_mode=args.control_mode)
+    obs, _ = env.reset(seed=0)
+    action_dim = env.single_action_space.shape[0]
+    env.close()
+    agent = ppo.Agent(util.flat_state(obs).shape[1] + action_dim, action_dim)
+    return 4 * sum(p.numel() for p in agent.parameters())
 
 
 def rgb_single_env_sps(args: Args) -> float:
@@ -165,11 +181,12 @@ def main():
     results["cpu_vec_sps"], results["wrapped_zero_sps"] = vector_sps(
         util.make_env(args.env_id, args.num_envs, "cpu", **kw), args)
     results["maniskill_recipe_sps"] = maniskill_recipe_sps(args)
-    runs = dict(train=("ppo.py", ()), fast_train=("ppo_fast.py", ()), fast_compiled_train=("ppo_fast.py", ("--compile",)))
+    runs = dict(train=("ppo.py", (), 1), fast_train=("ppo_fast.py", (), 1),
+                fast_compiled_train=("ppo_fast.py", ("--compile",), 1), ddp2_train=("ppo.py", (), 2))
     summaries = {name: [] for name in runs}
     for _ in range(args.train_repeats):
-        for name, (script, extra) in runs.items():
-            summaries[name].append(train_sps(args, script, extra=extra)[1])
+        for name, (script, extra, ranks) in runs.items():
+            summaries[name].append(train_sps(args, script, extra=extra, ranks=ranks)[1])
     for name, runs_of_name in summaries.items():
         median = sorted(runs_of_name, key=lambda s: s["train_sps"])[len(runs_of_name) // 2]
         results[f"{name}_sps"] = median["train_sps"]
@@ -178,6 +195,7 @@ def main():
     # env steps/s of envs.step inside training: the policy's motions cost the simulator more than random ones
     results["train_env_step_sps"] = args.train_timesteps / results["train_seconds"]["env_step"]
     results["compile_seconds"] = results["fast_compiled_train_seconds"]["compile"]
+    results["ddp_all_reduce_bytes_per_gradient_step"] = all_reduce_bytes_per_step(args)
     results["rgb_single_env_sps"] = rgb_single_env_sps(args)
     results["rgb_cpu_vec_sps"] = rgb_cpu_vec_sps(args)
     results["rgb_train_sps"], summary = train_sps(args, "ppo_rgb.py", args.rgb_num_envs, args.rgb_train_timesteps)
@@ -192,6 +210,7 @@ def main():
         ("train_sps >= 0.75 x cpu_vec_sps", r["train_sps"] / r["cpu_vec_sps"], 0.75),
         ("fast_train_sps >= 1.0 x train_sps", r["fast_train_sps"] / r["train_sps"], 1.0),
         ("fast_compiled_train_sps >= 1.0 x train_sps", r["fast_compiled_train_sps"] / r["train_sps"], 1.0),
+        ("ddp2_train_sps / train_sps (reported, no target)", r["ddp2_train_sps"] / r["train_sps"], 0.0),
         ("rgb_cpu_vec_sps >= 0.85 x cores x rgb_single_env_sps",
          r["rgb_cpu_vec_sps"] / (cores * r["rgb_single_env_sps"]), 0.85),
         ("rgb_train_sps >= 0.7 x rgb_cpu_vec_sps", r["rgb_train_sps"] / r["rgb_cpu_vec_sps"], 0.7),
@@ -199,10 +218,11 @@ def main():
     print(f"\n{args.env_id}, state, {args.control_mode}, {args.num_envs} envs, {cores} cores")
     print(f"{'measurement':<24}{'env steps/s':>14}")
     for key in ("single_env_sps", "cpu_vec_sps", "maniskill_recipe_sps", "wrapped_zero_sps", "train_sps",
-                "train_env_step_sps", "fast_train_sps", "fast_compiled_train_sps", "rgb_single_env_sps",
+                "train_env_step_sps", "fast_train_sps", "fast_compiled_train_sps", "ddp2_train_sps", "rgb_single_env_sps",
                 "rgb_cpu_vec_sps", "rgb_train_sps"):
         print(f"{key:<24}{r[key]:>14.1f}")
     print(f"compile_seconds {r['compile_seconds']:.1f} (ppo_fast.py --compile, empty inductor cache)")
+    print(f"ddp all-reduce per gradient step: {r['ddp_all_reduce_bytes_per_gradient_step']} bytes per rank")
     print(f"rgb_buffer_bytes_per_env_step {r['rgb_buffer_bytes_per_env_step']:.0f} "
           f"(image {128 * 128 * 3} bytes; RGB rows: 128x128 camera, {args.rgb_num_envs} envs)")
     print(f"\n{'target':<56}{'ratio':>8}  met")
