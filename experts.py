@@ -8,6 +8,9 @@ Every expert satisfies one interface, ``expert(obs: dict) -> torch.Tensor``, whe
 - ``IKExpert``: a scripted Cartesian controller per task, in the env's control mode.
 - ``ModelExpert``: a policy from a checkpoint of these scripts, acting deterministically.
 - custom: ``load_expert_fn("path/to/file.py:function")`` or ``"package.module:function"``.
+
+``--expert-type`` may name several experts (``ik,zero``): ``make_experts`` builds them all, and the
+wrapper shows the policy every expert action and fuses them (``util.fused_action``).
 """
 
 from __future__ import annotations
@@ -19,14 +22,15 @@ from typing import Callable, Optional
 
 import torch
 
-from util import UsageError, check_checkpoint, flat_state, load_checkpoint
+from util import UsageError, check_checkpoint, check_fusion, flat_state, fused_action, load_checkpoint
 
 ExpertFn = Callable[[dict], torch.Tensor]
 EXPERT_TYPES = ("zero", "ik", "model", "custom")
 
 
 def _unknown_expert(expert_type: str) -> UsageError:
-    return UsageError(f"unknown expert type '{expert_type}'; valid: {', '.join(EXPERT_TYPES)}")
+    return UsageError(f"unknown expert type '{expert_type}'; valid: {', '.join(EXPERT_TYPES)}, "
+                      f"or a comma list of them such as ik,zero")
 
 
 def _batch_size(obs: dict) -> tuple[int, torch.device]:
@@ -208,28 +212,32 @@ NETWORKS = {"mlp-state": ("ppo", "Agent")}  # image policies cannot act on state
 class ModelExpert:
     """The deterministic policy of a checkpoint written by these scripts.
 
-    It executes what the trained system would: ``clip(inner_expert + scale * actor_mean)``, where the
-    inner expert is rebuilt from the checkpoint's own metadata (e.g. the IK expert it was trained on).
+    It executes what the trained system would: ``clip(base + scale * actor_mean)``, where the base comes
+    from the inner experts rebuilt from the checkpoint's own metadata (e.g. the IK expert it was trained
+    on), fused as in training (``util.fused_action``).
     """
 
     def __init__(self, path: str, env_id: str, env):
         device = torch.device(env.device)
         payload = load_checkpoint(path, map_location=device)
         meta = payload["meta"]
-        action_dim = int(env.single_action_space.shape[0])
-        check_checkpoint(payload, path, env_id=env_id, control_mode=env.control_mode, action_dim=action_dim)
+        check_checkpoint(payload, path, env_id=env_id, control_mode=env.control_mode)
         if meta.get("network") not in NETWORKS:
             raise UsageError(f"checkpoint '{path}' holds network {meta.get('network')} (written by "
                              f"{meta.get('script')}); the model expert rebuilds {', '.join(NETWORKS)}")
+        train_args = meta["args"]
+        self.inner = make_experts(train_args["expert_type"], env_id, env, ik_gain=train_args.get("ik_gain", 1.0),
+                                  model_path=train_args.get("model_path"), expert_fn=train_args.get("expert_fn"))
+        self.fusion = train_args.get("fusion", "mean")
+        action_dim = int(env.single_action_space.shape[0])
+        policy_action_dim = action_dim + (len(self.inner) if self.fusion == "learned" else 0)
+        check_checkpoint(payload, path, action_dim=policy_action_dim)
         module, name = NETWORKS[meta["network"]]
         agent = getattr(importlib.import_module(module), name)(meta["obs_dim"], meta["action_dim"])
         agent.load_state_dict(payload["model"])
         self.actor = agent.actor_mean.to(device).eval()
-        train_args = meta["args"]
-        self.inner = make_expert(train_args["expert_type"], env_id, env, ik_gain=train_args.get("ik_gain", 1.0),
-                                 model_path=train_args.get("model_path"), expert_fn=train_args.get("expert_fn"))
         self.scale = meta["residual_scale"]
-        self.state_dim = meta["obs_dim"] - meta["action_dim"]
+        self.state_dim = meta["obs_dim"] - len(self.inner) * action_dim
         self.path, self.env_id = path, env_id
         self.low = torch.as_tensor(env.single_action_space.low, device=device)
         self.high = torch.as_tensor(env.single_action_space.high, device=device)
@@ -240,9 +248,9 @@ class ModelExpert:
         if state.shape[1] != self.state_dim:
             raise UsageError(f"checkpoint '{self.path}' was trained on {self.state_dim}-dim states but "
                              f"{self.env_id} gives {state.shape[1]}")
-        base = self.inner(obs)
-        residual = self.actor(torch.cat([state, base], dim=1))
-        return torch.clamp(base + self.scale * residual, self.low, self.high)
+        expert_actions = torch.stack([expert(obs) for expert in self.inner], dim=1)
+        policy_action = self.actor(torch.cat([state, expert_actions.flatten(1)], dim=1))
+        return torch.clamp(fused_action(expert_actions, policy_action, self.scale, self.fusion), self.low, self.high)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,23 +280,32 @@ def load_expert_fn(spec: str) -> ExpertFn:
     return fn
 
 
+def expert_types(expert_type: str) -> list[str]:
+    """``--expert-type ik,zero`` -> ["ik", "zero"], each a known type."""
+    types = [t.strip() for t in expert_type.split(",")]
+    for t in types:
+        if t not in EXPERT_TYPES:
+            raise _unknown_expert(t)
+    return types
+
+
 def default_control_mode(expert_type: str) -> str:
-    """The control mode a run uses when --control-mode is not given."""
-    return IK_DEFAULT_CONTROL_MODE if expert_type == "ik" else "pd_joint_delta_pos"
+    """The control mode a run uses when --control-mode is not given: the IK expert's if the list has it."""
+    return IK_DEFAULT_CONTROL_MODE if "ik" in expert_type.replace(" ", "").split(",") else "pd_joint_delta_pos"
 
 
 def check_expert_args(expert_type: str, env_id: str, control_mode: str, model_path: Optional[str],
-                      expert_fn: Optional[str]) -> None:
-    """Fail before any env is built or anything is written."""
-    if expert_type not in EXPERT_TYPES:
-        raise _unknown_expert(expert_type)
-    if expert_type == "ik":
+                      expert_fn: Optional[str], fusion: str = "mean") -> None:
+    """Fail before any env is built or anything is written. ``expert_type`` may be a comma list."""
+    types = expert_types(expert_type)
+    check_fusion(fusion, len(types))
+    if "ik" in types:
         IKExpert(env_id, control_mode)
-    if expert_type == "model":
+    if "model" in types:
         if not model_path:
             raise UsageError("--expert-type model needs --model-path CHECKPOINT")
         check_checkpoint(load_checkpoint(model_path), model_path, env_id=env_id, control_mode=control_mode)
-    if expert_type == "custom":
+    if "custom" in types:
         if not expert_fn:
             raise UsageError("--expert-type custom needs --expert-fn path/to/file.py:function")
         load_expert_fn(expert_fn)
@@ -296,7 +313,7 @@ def check_expert_args(expert_type: str, env_id: str, control_mode: str, model_pa
 
 def make_expert(expert_type: str, env_id: str, env, ik_gain: float = 1.0, model_path: Optional[str] = None,
                 expert_fn: Optional[str] = None) -> ExpertFn:
-    """Build the expert named on the command line for a backend env (``util.make_env``)."""
+    """Build one expert named on the command line for a backend env (``util.make_env``)."""
     if expert_type == "zero":
         return ZeroExpert(int(env.single_action_space.shape[0]))
     if expert_type == "ik":
@@ -306,3 +323,8 @@ def make_expert(expert_type: str, env_id: str, env, ik_gain: float = 1.0, model_
     if expert_type == "custom":
         return load_expert_fn(expert_fn)
     raise _unknown_expert(expert_type)
+
+
+def make_experts(expert_type: str, env_id: str, env, **kwargs) -> list[ExpertFn]:
+    """The experts of ``--expert-type``, a comma list such as ``ik,zero``; ``kwargs`` as for make_expert."""
+    return [make_expert(t, env_id, env, **kwargs) for t in expert_types(expert_type)]
