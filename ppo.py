@@ -442,10 +442,9 @@ def main():
                     mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
                 pg_loss1 = -mb_advantages * ratio
                 pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                # Progressive exploration: where the coin said "expert alone", the sampled action had no effect on
-                # what happened, so its advantage says nothing about it; only applied steps enter the surrogate.
-                mb_applied = b_applied[mb_inds]
-                pg_loss = (torch.max(pg_loss1, pg_loss2) * mb_applied).sum() / mb_applied.sum().clamp(min=1.0)
+                # Progressive exploration: where the coin said "expert alone", the sampled action had no effect, so
+                # its surrogate term has zero expectation; it is replaced by that zero, which removes only noise.
+                pg_loss = (torch.max(pg_loss1, pg_loss2) * b_applied[mb_inds]).mean()
 
                 newvalue = newvalue.view(-1)
                 if args.clip_vloss:
