@@ -8,6 +8,9 @@ Every expert satisfies one interface, ``expert(obs: dict) -> torch.Tensor``, whe
 - ``IKExpert``: a scripted Cartesian controller per task, in the env's control mode.
 - ``ModelExpert``: a policy from a checkpoint of these scripts, acting deterministically.
 - custom: ``load_expert_fn("path/to/file.py:function")`` or ``"package.module:function"``.
+
+``--expert-type`` may name several experts (``ik,zero``): ``make_experts`` builds them all, and the
+wrapper shows the policy every expert action and fuses them (``util.fused_action``).
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ from typing import Callable, Optional
 
 import torch
 
-from util import UsageError, check_checkpoint, flat_state, image_policy_obs, load_checkpoint, with_expert_action
+from util import (UsageError, check_checkpoint, check_fusion, flat_state, fused_action, image_policy_obs,
+                  load_checkpoint, with_expert_action)
 
 ExpertFn = Callable[[dict], torch.Tensor]
 EXPERT_TYPES = ("zero", "ik", "model", "custom")
 
 
 def _unknown_expert(expert_type: str) -> UsageError:
-    return UsageError(f"unknown expert type '{expert_type}'; valid: {', '.join(EXPERT_TYPES)}")
+    return UsageError(f"unknown expert type '{expert_type}'; valid: {', '.join(EXPERT_TYPES)}, "
+                      f"or a comma list of them such as ik,zero")
 
 
 def _batch_size(obs: dict) -> tuple[int, torch.device]:
@@ -218,32 +223,35 @@ def _obs_signature(policy_obs) -> dict:
 class ModelExpert:
     """The deterministic policy of a checkpoint written by these scripts.
 
-    It executes what the trained system would: ``clip(inner_expert + scale * actor_mean)``, where the
-    inner expert is rebuilt from the checkpoint's own metadata (e.g. the IK expert it was trained on).
-    A state policy reads the privileged state; an image policy needs the run's cameras (ppo_rgb*.py).
+    It executes what the trained system would: ``clip(base + scale * actor_mean)``, where the base comes
+    from the inner experts rebuilt from the checkpoint's own metadata (e.g. the IK expert it was trained
+    on), fused as in training (``util.fused_action``). A state policy reads the privileged state; an
+    image policy needs the run's cameras (ppo_rgb.py, ppo_rgb_fast.py).
     """
 
     def __init__(self, path: str, env_id: str, env):
         device = torch.device(env.device)
         payload = load_checkpoint(path, map_location=device)
         meta = payload["meta"]
-        action_dim = int(env.single_action_space.shape[0])
-        check_checkpoint(payload, path, env_id=env_id, control_mode=env.control_mode, action_dim=action_dim)
+        check_checkpoint(payload, path, env_id=env_id, control_mode=env.control_mode)
         if meta.get("network") not in NETWORKS:
             raise UsageError(f"checkpoint '{path}' holds network {meta.get('network')} (written by "
                              f"{meta.get('script')}); the model expert rebuilds {', '.join(NETWORKS)}")
+        train_args = meta["args"]
+        self.inner = make_experts(train_args["expert_type"], env_id, env, ik_gain=train_args.get("ik_gain", 1.0),
+                                  model_path=train_args.get("model_path"), expert_fn=train_args.get("expert_fn"))
+        self.fusion = train_args.get("fusion", "mean")
+        action_dim = int(env.single_action_space.shape[0])
+        check_checkpoint(payload, path, action_dim=action_dim + (len(self.inner) if self.fusion == "learned" else 0))
         module, name, arg_keys = NETWORKS[meta["network"]]
         agent = getattr(importlib.import_module(module), name)(*(meta[k] for k in arg_keys))
         agent.load_state_dict(payload["model"])
         self.agent = agent.to(device).eval()
-        train_args = meta["args"]
         self.images = "rgb_shape" in arg_keys
         if self.images:
             self.policy_obs_fn = image_policy_obs(env, train_args["include_state"])
         else:  # image runs carry camera data next to the state: the state policy reads only the state
             self.policy_obs_fn = lambda obs: flat_state(dict(agent=obs["agent"], extra=obs["extra"]))
-        self.inner = make_expert(train_args["expert_type"], env_id, env, ik_gain=train_args.get("ik_gain", 1.0),
-                                 model_path=train_args.get("model_path"), expert_fn=train_args.get("expert_fn"))
         self.scale = meta["residual_scale"]
         self.signature = {k: meta[k] for k in arg_keys if k != "action_dim"}
         self.path, self.env_id, self.script = path, env_id, meta.get("script")
@@ -255,14 +263,14 @@ class ModelExpert:
         if self.images and "sensor_data" not in obs:
             raise UsageError(f"checkpoint '{self.path}' ({self.script}) acts from camera images; use it as the "
                              f"expert of ppo_rgb.py or ppo_rgb_fast.py")
-        base = self.inner(obs)
-        policy_obs = with_expert_action(self.policy_obs_fn(obs), base)
+        expert_actions = torch.stack([expert(obs) for expert in self.inner], dim=1)
+        policy_obs = with_expert_action(self.policy_obs_fn(obs), expert_actions.flatten(1))
         signature = _obs_signature(policy_obs)
         if signature != self.signature:
             raise UsageError(f"checkpoint '{self.path}' was trained on observations {self.signature} but "
                              f"{self.env_id} gives {signature}")
-        residual = self.agent.get_action(policy_obs, deterministic=True)
-        return torch.clamp(base + self.scale * residual, self.low, self.high)
+        policy_action = self.agent.get_action(policy_obs, deterministic=True)
+        return torch.clamp(fused_action(expert_actions, policy_action, self.scale, self.fusion), self.low, self.high)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,23 +300,32 @@ def load_expert_fn(spec: str) -> ExpertFn:
     return fn
 
 
+def expert_types(expert_type: str) -> list[str]:
+    """``--expert-type ik,zero`` -> ["ik", "zero"], each a known type."""
+    types = [t.strip() for t in expert_type.split(",")]
+    for t in types:
+        if t not in EXPERT_TYPES:
+            raise _unknown_expert(t)
+    return types
+
+
 def default_control_mode(expert_type: str) -> str:
-    """The control mode a run uses when --control-mode is not given."""
-    return IK_DEFAULT_CONTROL_MODE if expert_type == "ik" else "pd_joint_delta_pos"
+    """The control mode a run uses when --control-mode is not given: the IK expert's if the list has it."""
+    return IK_DEFAULT_CONTROL_MODE if "ik" in expert_type.replace(" ", "").split(",") else "pd_joint_delta_pos"
 
 
 def check_expert_args(expert_type: str, env_id: str, control_mode: str, model_path: Optional[str],
-                      expert_fn: Optional[str]) -> None:
-    """Fail before any env is built or anything is written."""
-    if expert_type not in EXPERT_TYPES:
-        raise _unknown_expert(expert_type)
-    if expert_type == "ik":
+                      expert_fn: Optional[str], fusion: str = "mean") -> None:
+    """Fail before any env is built or anything is written. ``expert_type`` may be a comma list."""
+    types = expert_types(expert_type)
+    check_fusion(fusion, len(types))
+    if "ik" in types:
         IKExpert(env_id, control_mode)
-    if expert_type == "model":
+    if "model" in types:
         if not model_path:
             raise UsageError("--expert-type model needs --model-path CHECKPOINT")
         check_checkpoint(load_checkpoint(model_path), model_path, env_id=env_id, control_mode=control_mode)
-    if expert_type == "custom":
+    if "custom" in types:
         if not expert_fn:
             raise UsageError("--expert-type custom needs --expert-fn path/to/file.py:function")
         load_expert_fn(expert_fn)
@@ -316,7 +333,7 @@ def check_expert_args(expert_type: str, env_id: str, control_mode: str, model_pa
 
 def make_expert(expert_type: str, env_id: str, env, ik_gain: float = 1.0, model_path: Optional[str] = None,
                 expert_fn: Optional[str] = None) -> ExpertFn:
-    """Build the expert named on the command line for a backend env (``util.make_env``)."""
+    """Build one expert named on the command line for a backend env (``util.make_env``)."""
     if expert_type == "zero":
         return ZeroExpert(int(env.single_action_space.shape[0]))
     if expert_type == "ik":
@@ -326,3 +343,8 @@ def make_expert(expert_type: str, env_id: str, env, ik_gain: float = 1.0, model_
     if expert_type == "custom":
         return load_expert_fn(expert_fn)
     raise _unknown_expert(expert_type)
+
+
+def make_experts(expert_type: str, env_id: str, env, **kwargs) -> list[ExpertFn]:
+    """The experts of ``--expert-type``, a comma list such as ``ik,zero``; ``kwargs`` as for make_expert."""
+    return [make_expert(t, env_id, env, **kwargs) for t in expert_types(expert_type)]

@@ -67,7 +67,7 @@ class Args:
     sim_backend: str = "auto"
     """auto | gpu | cpu: gpu is ManiSkill's physx_cuda simulation, cpu our multi-process backend"""
     expert_type: str = "zero"
-    """the expert the residual corrects: zero | ik | model | custom"""
+    """the expert the residual corrects: zero | ik | model | custom, or a comma list (ik,zero) to fuse several"""
     ik_gain: float = 1.0
     """IK expert gain: 1.0 asks for the whole position error in one control step"""
     model_path: Optional[str] = None
@@ -86,6 +86,20 @@ class Args:
     """width of the task's cameras (pixels)"""
     camera_height: int = 128
     """height of the task's cameras (pixels)"""
+
+    # Residual techniques (README_Expert_Residual.md, "Residual techniques")
+    init_logstd: float = -0.5
+    """initial log-std of the policy's actions (-1 for residual runs: start close to the expert)"""
+    residual_warmup_steps: int = 0
+    """progressive exploration: each training env applies the residual with probability min(step / this, 1); 0: always"""
+    critic_warmup_iters: int = 0
+    """the first this many iterations train only the value function; the actor stays frozen"""
+    residual_scale_schedule: str = "constant"
+    """constant | linear: linear moves the residual scale from --residual-scale to --residual-scale-final"""
+    residual_scale_final: Optional[float] = None
+    """the residual scale at the end of training (with --residual-scale-schedule linear)"""
+    fusion: str = "mean"
+    """how several experts form the base action: mean | learned (softmax weights the policy outputs)"""
 
     # Algorithm
     total_timesteps: int = 10_000_000
@@ -141,7 +155,7 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 class Agent(nn.Module):
     """NatureCNN on the images and a linear layer on the state, concatenated, then actor and critic heads."""
 
-    def __init__(self, rgb_shape: tuple, state_dim: int, action_dim: int):
+    def __init__(self, rgb_shape: tuple, state_dim: int, action_dim: int, init_logstd: float = -0.5):
         super().__init__()
         height, width, channels = rgb_shape
         self.cnn = nn.Sequential(
@@ -160,7 +174,7 @@ class Agent(nn.Module):
             # a near-zero residual head: training starts at the expert's behaviour
             layer_init(nn.Linear(512, action_dim), std=0.01 * np.sqrt(2)),
         )
-        self.actor_logstd = nn.Parameter(torch.ones(1, action_dim) * -0.5)
+        self.actor_logstd = nn.Parameter(torch.ones(1, action_dim) * init_logstd)
 
     def features(self, obs: dict):
         # uint8 NHWC in the buffer; float NCHW only here
@@ -214,7 +228,8 @@ def gae(rewards, values, dones, final_values, next_value, next_done, gamma: floa
 def check_args(args: Args) -> None:
     """Reject bad input before any env is built or anything is written."""
     util.check_env_id(args.env_id)
-    experts.check_expert_args(args.expert_type, args.env_id, args.control_mode, args.model_path, args.expert_fn)
+    experts.check_expert_args(args.expert_type, args.env_id, args.control_mode, args.model_path, args.expert_fn,
+                              args.fusion)
     if args.evaluate and args.checkpoint is None:
         raise util.UsageError("--evaluate needs --checkpoint PATH")
     if args.num_envs < 1 or args.num_eval_envs < 1:
@@ -224,6 +239,8 @@ def check_args(args: Args) -> None:
                               f"{args.camera_width}x{args.camera_height}")
     if args.residual_scale < 0:
         raise util.UsageError(f"--residual-scale must be >= 0, got {args.residual_scale}")
+    if args.critic_warmup_iters < 0:
+        raise util.UsageError(f"--critic-warmup-iters must be >= 0, got {args.critic_warmup_iters}")
     if args.num_steps < 1 or args.num_minibatches < 1 or args.update_epochs < 1 or args.eval_freq < 1:
         raise util.UsageError("--num-steps, --num-minibatches, --update-epochs and --eval-freq must be >= 1")
     batch_size = args.num_envs * args.num_steps
@@ -252,6 +269,8 @@ def main():
     if chosen_control_mode:
         args.control_mode = experts.default_control_mode(args.expert_type)
     check_args(args)
+    schedule = util.ResidualSchedule(args.residual_scale, args.residual_scale_schedule, args.residual_scale_final,
+                                     args.total_timesteps, args.residual_warmup_steps)  # checks its flags too
     checkpoint = util.load_checkpoint(args.checkpoint) if args.checkpoint else None
     if checkpoint is not None:
         util.check_checkpoint(checkpoint, args.checkpoint, network=NETWORK, env_id=args.env_id,
@@ -274,22 +293,26 @@ def main():
     env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend, obs_mode="state_dict+rgb",
                       sensor_configs=dict(width=args.camera_width, height=args.camera_height))
     eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True, **env_kwargs)
-    expert = experts.make_expert(args.expert_type, args.env_id, eval_envs, ik_gain=args.ik_gain,
-                                 model_path=args.model_path, expert_fn=args.expert_fn)
+    expert = experts.make_experts(args.expert_type, args.env_id, eval_envs, ik_gain=args.ik_gain,
+                                  model_path=args.model_path, expert_fn=args.expert_fn)
     eval_envs = util.ExpertResidualWrapper(eval_envs, expert, args.residual_scale, args.clip_final_action,
+                                           fusion=args.fusion,
                                            policy_obs_fn=util.image_policy_obs(eval_envs, args.include_state))
     if not args.evaluate:
         train_backend = util.make_env(args.env_id, args.num_envs, ignore_terminations=not args.partial_reset,
                                       **env_kwargs)
         envs = util.ExpertResidualWrapper(
             train_backend, expert, args.residual_scale, args.clip_final_action,
-            expert_action_noise=args.expert_action_noise,
+            expert_action_noise=args.expert_action_noise, fusion=args.fusion,
             policy_obs_fn=util.image_policy_obs(train_backend, args.include_state))
     num_eval_steps = args.num_eval_steps or eval_envs.max_episode_steps
     obs, _ = eval_envs.reset(seed=args.seed + 1_000_000)
-    rgb_shape, state_dim, action_dim = list(obs["rgb"].shape[1:]), obs["state"].shape[1], eval_envs.action_dim
+    # the policy's action: the residual, plus one fusion logit per expert with --fusion learned
+    rgb_shape, state_dim, action_dim = list(obs["rgb"].shape[1:]), obs["state"].shape[1], eval_envs.policy_action_dim
 
-    agent = Agent(rgb_shape, state_dim, action_dim).to(device)
+    agent = Agent(rgb_shape, state_dim, action_dim, args.init_logstd).to(device)
+    # the image and state encoders feed the actor too, so critic warm-up freezes everything but the critic head
+    actor_params = [p for name, p in agent.named_parameters() if not name.startswith("critic.")]
     if checkpoint is not None:
         util.check_checkpoint(checkpoint, args.checkpoint, rgb_shape=rgb_shape, state_dim=state_dim,
                               action_dim=action_dim, control_mode=eval_envs.control_mode)
@@ -321,7 +344,7 @@ def main():
         meta = dict(script=SCRIPT, network=NETWORK, env_id=args.env_id, obs_mode="rgb",
                     control_mode=eval_envs.control_mode, rgb_shape=rgb_shape, state_dim=state_dim,
                     action_dim=action_dim,
-                    expert_type=args.expert_type, residual_scale=args.residual_scale,
+                    expert_type=args.expert_type, residual_scale=eval_envs.residual_scale,
                     args=asdict(args), versions=util.versions())
         util.save_checkpoint(path, dict(model=agent.state_dict(), meta=meta))
 
@@ -365,7 +388,8 @@ def main():
     dones = torch.zeros((args.num_steps, args.num_envs), device=device)
     values = torch.zeros((args.num_steps, args.num_envs), device=device)
     final_values = torch.zeros((args.num_steps, args.num_envs), device=device)
-    buffers = (rgb_buf, state_buf, actions, logprobs, rewards, dones, values, final_values)
+    residual_applied = torch.ones((args.num_steps, args.num_envs), device=device)  # progressive exploration's coin
+    buffers = (rgb_buf, state_buf, actions, logprobs, rewards, dones, values, final_values, residual_applied)
     buffer_bytes = sum(b.numel() * b.element_size() for b in buffers)
     bytes_per_env_step = buffer_bytes / (args.num_steps * args.num_envs)
     print(f"rollout buffer: {buffer_bytes / 2**20:.1f} MiB, {bytes_per_env_step:.0f} bytes per env step "
@@ -381,6 +405,7 @@ def main():
     for iteration in range(1, num_iterations + 1):
         if rollout_threads:
             torch.set_num_threads(rollout_threads)
+        schedule.apply(global_step, train=envs, evaluation=eval_envs)  # residual scale and probability
         # ---- eval (and checkpoint) ----
         if (iteration - 1) % args.eval_freq == 0:
             last_eval = evaluate(global_step)
@@ -414,6 +439,7 @@ def main():
             next_obs = to_device(next_obs, device)
             next_done = (terminations | truncations).to(device, torch.float32)
             rewards[step] = reward.to(device).view(-1) * args.reward_scale
+            residual_applied[step] = infos["residual_applied"].to(device)
             for k, v in infos.get("action_stats", {}).items():
                 action_stats[k] += v / args.num_steps
             if "final_info" in infos:
@@ -447,6 +473,8 @@ def main():
         b_advantages = advantages.reshape(-1)
         b_returns = returns.reshape(-1)
         b_values = values.reshape(-1)
+        b_applied = residual_applied.reshape(-1)
+        critic_warmup = iteration <= args.critic_warmup_iters
 
         clipfracs = []
         for epoch in range(args.update_epochs):
@@ -469,7 +497,9 @@ def main():
                     mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
                 pg_loss1 = -mb_advantages * ratio
                 pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+                # Progressive exploration: where the coin said "expert alone", the sampled action had no effect, so
+                # its surrogate term has zero expectation; it is replaced by that zero, which removes only noise.
+                pg_loss = (torch.max(pg_loss1, pg_loss2) * b_applied[mb_inds]).mean()
 
                 newvalue = newvalue.view(-1)
                 if args.clip_vloss:
@@ -480,9 +510,14 @@ def main():
                     v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+                if critic_warmup:
+                    loss = v_loss * args.vf_coef
 
                 optimizer.zero_grad()
                 loss.backward()
+                if critic_warmup:  # gradients of None, not zero: Adam skips those parameters entirely
+                    for param in actor_params:
+                        param.grad = None
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
             if args.target_kl is not None and approx_kl > args.target_kl:
@@ -505,6 +540,8 @@ def main():
         for k, v in action_stats.items():
             writer.add_scalar(f"actions/{k}_abs_mean", float(v), global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("charts/residual_scale", envs.residual_scale, global_step)
+        writer.add_scalar("charts/residual_prob", envs.residual_prob, global_step)
         for k, v in seconds.items():
             writer.add_scalar(f"time/{k}_seconds", v, global_step)
         progress.update(batch_size)
@@ -514,6 +551,7 @@ def main():
     if rollout_threads:
         torch.set_num_threads(rollout_threads)
     # ---- final eval and checkpoint ----
+    schedule.apply(global_step, train=envs, evaluation=eval_envs)
     last_eval = evaluate(global_step)
     for k, v in last_eval.items():
         writer.add_scalar(f"eval/{k}", v, global_step)

@@ -9,8 +9,9 @@ Data path: backend -> ExpertResidualWrapper -> training script.
   (worker processes, each stepping several ``physx_cpu`` envs in turn, sharing memory with us).
   Backends always return the *structured* observation (``state_dict``, or ``state_dict+rgb`` for image
   runs), which experts read.
-- ``ExpertResidualWrapper`` turns that into the policy's observation plus the expert action, and
-  turns the policy's residual into the executed action.
+- ``ExpertResidualWrapper`` turns that into the policy's observation plus the expert actions, and
+  turns the policy's action (residual, plus fusion logits with a learned mix of experts) into the
+  executed action; ``ResidualSchedule`` sets its residual scale and probability from the global step.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import pickle
 import sys
 import traceback
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Optional, Union
 
@@ -526,27 +528,115 @@ def with_expert_action(policy_obs: Obs, expert_action: torch.Tensor) -> Obs:
     return torch.cat([policy_obs, expert_action], dim=-1)
 
 
-class ExpertResidualWrapper:
-    """Executes ``clip(expert + residual_scale * residual)`` and shows the policy ``[obs, expert_action]``.
+FUSIONS = ("mean", "learned")
+SCALE_SCHEDULES = ("constant", "linear")
 
-    The expert is called once per step, on the structured observation the env returned, and the
-    expert action appended to the policy observation is exactly the one executed on the next step.
-    When episodes end, it is also called on ``final_observation`` so the critic can bootstrap from it.
-    PPO keeps the unclipped residual it sampled; only the action sent to the env is clipped.
+
+def check_fusion(fusion: str, num_experts: int) -> None:
+    if fusion not in FUSIONS:
+        raise UsageError(f"--fusion must be one of {', '.join(FUSIONS)}, not '{fusion}'")
+    if fusion == "learned" and num_experts < 2:
+        raise UsageError("--fusion learned mixes several experts; give at least two, e.g. --expert-type ik,zero")
+
+
+def fused_action(expert_actions: torch.Tensor, policy_action: torch.Tensor, residual_scale: float,
+                 fusion: str = "mean", applied: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The executed action before clipping: ``base + residual_scale * residual``.
+
+    ``expert_actions`` is [N, E, A], one action per expert. ``policy_action`` is [N, A] (the residual),
+    followed by E fusion logits with ``fusion="learned"``. The base is the experts' mean, or with
+    "learned" their ``softmax(logits)``-weighted mix; zero logits give the mean. Envs where ``applied``
+    is False ignore the whole policy action and execute the experts' mean alone.
+    """
+    action_dim = expert_actions.shape[2]
+    residual = policy_action[:, :action_dim]
+    mean = expert_actions.mean(dim=1)
+    if fusion == "learned":
+        weights = torch.softmax(policy_action[:, action_dim:], dim=1)
+        base = (weights[:, :, None] * expert_actions).sum(dim=1)
+    else:
+        base = mean
+    if applied is not None:
+        base = torch.where(applied[:, None], base, mean)
+        residual = torch.where(applied[:, None], residual, torch.zeros_like(residual))
+    return base + residual_scale * residual
+
+
+@dataclass
+class ResidualSchedule:
+    """How much residual the executed action gets, as a function of the global env step alone (so a
+    resumed run needs only its step). The scripts apply it to their wrappers once per iteration.
+
+    - Scale curriculum: ``constant`` keeps ``scale``; ``linear`` moves it from ``scale`` at step 0 to
+      ``scale_final`` at ``total_steps``.
+    - Progressive exploration (Policy Decorator): while training, each env applies its residual with
+      probability ``min(step / warmup_steps, 1)`` and otherwise executes the expert alone. Eval always
+      applies it.
+    """
+
+    scale: float = 1.0
+    schedule: str = "constant"
+    scale_final: Optional[float] = None
+    total_steps: int = 1
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:  # bad flags fail when the schedule is built, before anything runs
+        if self.schedule not in SCALE_SCHEDULES:
+            raise UsageError(f"--residual-scale-schedule must be one of {', '.join(SCALE_SCHEDULES)}, "
+                             f"not '{self.schedule}'")
+        if self.schedule == "linear" and self.scale_final is None:
+            raise UsageError("--residual-scale-schedule linear needs --residual-scale-final")
+        if self.schedule == "constant" and self.scale_final is not None:
+            raise UsageError("--residual-scale-final needs --residual-scale-schedule linear")
+        if self.scale_final is not None and self.scale_final < 0:
+            raise UsageError(f"--residual-scale-final must be >= 0, got {self.scale_final}")
+        if self.warmup_steps < 0:
+            raise UsageError(f"--residual-warmup-steps must be >= 0, got {self.warmup_steps}")
+
+    def scale_at(self, step: int) -> float:
+        if self.schedule == "constant":
+            return self.scale
+        progress = min(step / self.total_steps, 1.0)
+        return self.scale + progress * (self.scale_final - self.scale)
+
+    def residual_prob_at(self, step: int) -> float:
+        return min(step / self.warmup_steps, 1.0) if self.warmup_steps > 0 else 1.0
+
+    def apply(self, step: int, train: "ExpertResidualWrapper", evaluation: "ExpertResidualWrapper") -> None:
+        """Set both wrappers for ``step``: the same scale, the residual probability on the training envs only."""
+        train.residual_scale = evaluation.residual_scale = self.scale_at(step)
+        train.residual_prob = self.residual_prob_at(step)
+
+
+class ExpertResidualWrapper:
+    """Executes ``clip(base + residual_scale * residual)`` and shows the policy ``[obs, expert actions]``.
+
+    ``base`` is the expert action, or with several experts their mean or learned mix (``fused_action``).
+    The experts are called once per step, on the structured observation the env returned, and the
+    expert actions appended to the policy observation are exactly the ones executed on the next step.
+    When episodes end, they are also called on ``final_observation`` so the critic can bootstrap from it.
+    PPO keeps the unclipped action it sampled; only the action sent to the env is clipped.
+
+    The policy's action has ``policy_action_dim`` entries: the residual (``action_dim``), then one fusion
+    logit per expert with ``fusion="learned"``. ``residual_scale`` and ``residual_prob`` may change
+    between steps (``ResidualSchedule.apply``); ``info["residual_applied"]`` says which envs applied
+    the policy's action on this step.
 
     Build it from a backend (``env=make_env(...)``) or from ``env_id`` plus ``make_env`` keyword args.
-    ``expert_policy_fn`` is any callable: structured observation -> [num_envs, action_dim] tensor.
+    ``expert_policy_fn`` is a callable, structured observation -> [num_envs, action_dim] tensor, or a
+    list of them.
     """
 
     def __init__(
         self,
         env=None,
-        expert_policy_fn: Optional[Callable[[dict], torch.Tensor]] = None,
+        expert_policy_fn: Union[None, Callable[[dict], torch.Tensor], list[Callable[[dict], torch.Tensor]]] = None,
         residual_scale: float = 1.0,
         clip_final_action: bool = True,
         expert_action_noise: float = 0.0,
         track_action_stats: bool = True,
         policy_obs_fn: Callable[[dict], Obs] = flat_state,
+        fusion: str = "mean",
         env_id: Optional[str] = None,
         num_envs: int = 1,
         **env_kwargs,
@@ -570,49 +660,63 @@ class ExpertResidualWrapper:
             from experts import ZeroExpert  # experts.py imports this module
 
             expert_policy_fn = ZeroExpert(self.action_dim)
-        self.expert = expert_policy_fn
+        self.experts = list(expert_policy_fn) if isinstance(expert_policy_fn, (list, tuple)) else [expert_policy_fn]
+        check_fusion(fusion, len(self.experts))
+        self.fusion = fusion
+        self.policy_action_dim = self.action_dim + (len(self.experts) if fusion == "learned" else 0)
         self.residual_scale = residual_scale
+        self.residual_prob = 1.0
         self.clip_final_action = clip_final_action
         self.expert_action_noise = expert_action_noise
         self.track_action_stats = track_action_stats
         self.policy_obs_fn = policy_obs_fn
-        self.expert_action: Optional[torch.Tensor] = None  # the expert action for the current observation
+        self.expert_actions: Optional[torch.Tensor] = None  # [N, experts, A] for the current observation
 
-    def _expert(self, obs: dict, noise: bool = True) -> torch.Tensor:
-        action = self.expert(obs)
-        if not isinstance(action, torch.Tensor) or action.shape != (self.num_envs, self.action_dim) \
-                or not action.is_floating_point():
-            got = f"{type(action).__name__} {tuple(action.shape)} {action.dtype}" if isinstance(action, torch.Tensor) \
-                else type(action).__name__
-            raise UsageError(f"the expert must return a float tensor of shape ({self.num_envs}, {self.action_dim}); "
-                             f"it returned {got}")
-        action = action.to(self.device, torch.float32)
+    def _expert_actions(self, obs: dict, noise: bool = True) -> torch.Tensor:
+        actions = []
+        for expert in self.experts:
+            action = expert(obs)
+            if not isinstance(action, torch.Tensor) or action.shape != (self.num_envs, self.action_dim) \
+                    or not action.is_floating_point():
+                got = f"{type(action).__name__} {tuple(action.shape)} {action.dtype}" \
+                    if isinstance(action, torch.Tensor) else type(action).__name__
+                raise UsageError(f"the expert must return a float tensor of shape ({self.num_envs}, "
+                                 f"{self.action_dim}); it returned {got}")
+            actions.append(action.to(self.device, torch.float32))
+        actions = torch.stack(actions, dim=1)
         if noise and self.expert_action_noise > 0:
-            action = action + self.expert_action_noise * torch.randn_like(action)
-        return action
+            actions = actions + self.expert_action_noise * torch.randn_like(actions)
+        return actions
 
-    def _policy_obs(self, obs: dict, expert_action: torch.Tensor) -> Obs:
-        return with_expert_action(self.policy_obs_fn(obs), expert_action)
+    def _policy_obs(self, obs: dict, expert_actions: torch.Tensor) -> Obs:
+        return with_expert_action(self.policy_obs_fn(obs), expert_actions.flatten(1))
 
     def reset(self, *, seed=None, options=None):
         obs, info = self.env.reset(seed=seed, options=options)
-        self.expert_action = self._expert(obs)
-        return self._policy_obs(obs, self.expert_action), info
+        self.expert_actions = self._expert_actions(obs)
+        return self._policy_obs(obs, self.expert_actions), info
 
-    def step(self, residual: torch.Tensor):
-        residual = residual.to(self.device)
-        action = torch.add(self.expert_action, residual, alpha=self.residual_scale)
+    def step(self, policy_action: torch.Tensor):
+        policy_action = policy_action.to(self.device)
+        if self.residual_prob >= 1.0:  # no coin flips then, so runs without warm-up draw no extra randomness
+            applied = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
+        else:
+            applied = torch.rand(self.num_envs, device=self.device) < self.residual_prob
+        action = fused_action(self.expert_actions, policy_action, self.residual_scale, self.fusion, applied)
         if self.clip_final_action:
             action = torch.clamp(action, self.low, self.high)
         obs, reward, terminated, truncated, info = self.env.step(action)
+        info["residual_applied"] = applied
         if self.track_action_stats:
-            expert_abs, residual_abs, final_abs = torch.stack([self.expert_action, residual, action]).abs().mean((1, 2))
+            base = fused_action(self.expert_actions, policy_action, 0.0, self.fusion, applied)
+            residual = policy_action[:, :self.action_dim]
+            expert_abs, residual_abs, final_abs = torch.stack([base, residual, action]).abs().mean((1, 2))
             info["action_stats"] = dict(expert=expert_abs, residual=residual_abs, final=final_abs)
         if "final_observation" in info:
             final_obs = info["final_observation"]
-            info["final_observation"] = self._policy_obs(final_obs, self._expert(final_obs, noise=False))
-        self.expert_action = self._expert(obs)
-        return self._policy_obs(obs, self.expert_action), reward, terminated, truncated, info
+            info["final_observation"] = self._policy_obs(final_obs, self._expert_actions(final_obs, noise=False))
+        self.expert_actions = self._expert_actions(obs)
+        return self._policy_obs(obs, self.expert_actions), reward, terminated, truncated, info
 
     def render(self) -> torch.Tensor:
         return self.env.render()

@@ -70,7 +70,7 @@ def overhead(args: Args) -> dict:
     ik.reset(seed=0)
     replay = []
     for _ in range(steps):
-        replay.append(ik.expert_action.clone())
+        replay.append(ik.expert_actions[:, 0].clone())
         ik.step(no_residual)
     seconds = dict(ik=0.0, zero=0.0)
     for _ in range(4):

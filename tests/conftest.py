@@ -8,7 +8,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# a ppo.py run small enough for CI: 2 CPU envs, 4 iterations of 8 steps, an eval (and video) every iteration
+# a ppo.py run small enough for CI: 2 CPU envs, 2 iterations of 8 steps, an eval (and video) every iteration
 TINY = ["--sim-backend", "cpu", "--num-envs", "2", "--num-eval-envs", "1", "--num-steps", "8",
         "--num-minibatches", "2", "--total-timesteps", "32", "--eval-freq", "1"]
 
@@ -18,9 +18,9 @@ def run_script(script, args, cwd, timeout=600):
                           text=True, timeout=timeout)
 
 
-def tiny_run(script, out):
-    """Train `script` with TINY into `out`: (run directory, finished process)."""
-    proc = run_script(script, [*TINY, "--output-dir", str(out)], cwd=out)
+def tiny_run(script, out, *extra):
+    """Train `script` with TINY (and `extra` flags) into `out`: (run directory, finished process)."""
+    proc = run_script(script, [*TINY, "--output-dir", str(out), *extra], cwd=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = glob.glob(str(out / f"PickCube-v1__{script[:-3]}__1__*"))
     return run_dir, proc

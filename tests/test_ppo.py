@@ -61,6 +61,9 @@ BAD_INPUTS = [
     (["--expert-type", "model", "--model-path", "nowhere.pt"], "does not exist"),
     (["--expert-type", "custom", "--expert-fn", "nowhere.py:act"], "no file 'nowhere.py'"),
     (["--evaluate", "--checkpoint", "missing.pt"], "does not exist"),
+    (["--expert-type", "ik,oracle"], "unknown expert type 'oracle'"),
+    (["--fusion", "learned"], "give at least two"),
+    (["--residual-scale-schedule", "linear"], "needs --residual-scale-final"),
 ]
 
 

@@ -34,7 +34,8 @@ def test_policy_sees_exactly_maniskills_rgb_observation():
 
 @pytest.fixture(scope="module")
 def trained_rgb(tmp_path_factory):
-    return tiny_run("ppo_rgb.py", tmp_path_factory.mktemp("rgb_runs"))[0]
+    """Two iterations, the first one critic-only."""
+    return tiny_run("ppo_rgb.py", tmp_path_factory.mktemp("rgb_runs"), "--critic-warmup-iters", "1")[0]
 
 
 def test_rgb_training_keeps_images_as_uint8_and_writes_outputs(trained_rgb):
@@ -44,6 +45,17 @@ def test_rgb_training_keeps_images_as_uint8_and_writes_outputs(trained_rgb):
     assert glob.glob(os.path.join(trained_rgb, "videos", "*.mp4"))
     ckpt = torch.load(os.path.join(trained_rgb, "final_ckpt.pt"), weights_only=True)
     assert ckpt["meta"]["network"] == "cnn-rgb-state" and ckpt["meta"]["rgb_shape"] == [128, 128, 3]
+
+
+def test_rgb_critic_warmup_freezes_encoders_and_actor(trained_rgb):
+    # ckpt_1 is the initial model, ckpt_2 follows the critic-only iteration; the encoders feed the actor
+    start, warmed, final = (torch.load(os.path.join(trained_rgb, name), weights_only=True)["model"]
+                            for name in ("ckpt_1.pt", "ckpt_2.pt", "final_ckpt.pt"))
+    frozen = [k for k in start if not k.startswith("critic.")]
+    assert any(k.startswith("cnn.") for k in frozen) and "actor_logstd" in frozen
+    assert all(torch.equal(start[k], warmed[k]) for k in frozen)
+    assert not torch.equal(start["critic.0.weight"], warmed["critic.0.weight"])
+    assert not all(torch.equal(start[k], final[k]) for k in frozen), "everything trains after the warm-up"
 
 
 def test_rgb_evaluate_round_trip_and_state_script_refuses_it(trained_rgb, tmp_path):

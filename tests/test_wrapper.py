@@ -134,3 +134,57 @@ def test_env_id_form_builds_its_own_backend():
         assert obs.shape == (2, 50) and torch.all(obs[:, -8:] == 0)
     finally:
         wrapper.close()
+
+
+# ---- residual techniques: progressive exploration and fusion ----
+def test_progressive_exploration_at_step_zero_executes_the_expert_alone(native_env):
+    rec = RecordingEnv(native_env)
+    train = util.ExpertResidualWrapper(rec, ConstantExpert(EXPERT), residual_scale=0.5)
+    evaluation = util.ExpertResidualWrapper(native_env, ConstantExpert(EXPERT), residual_scale=0.5)
+    schedule = util.ResidualSchedule(scale=0.5, total_steps=10**6, warmup_steps=10**6)
+    schedule.apply(0, train=train, evaluation=evaluation)
+    assert train.residual_prob == 0.0 and evaluation.residual_prob == 1.0
+    train.reset(seed=0)
+    residual = torch.full((1, 8), 0.3)
+    for _ in range(5):
+        _, _, _, _, info = train.step(residual)
+        torch.testing.assert_close(rec.executed[-1], torch.tensor([EXPERT]))
+        assert not info["residual_applied"].any()
+
+    train.residual_prob = 0.5  # mixes: each step either the expert alone or the expert plus the residual
+    applied = []
+    for _ in range(40):
+        _, _, _, _, info = train.step(residual)
+        applied.append(bool(info["residual_applied"]))
+        want = torch.tensor([EXPERT]) + (0.5 * residual if applied[-1] else 0)
+        torch.testing.assert_close(rec.executed[-1], want.clamp(-1, 1))
+    assert 5 < sum(applied) < 35
+
+
+def test_fusion_mean_of_two_identical_experts_equals_one_expert(native_env):
+    rec = RecordingEnv(native_env)
+    one = util.ExpertResidualWrapper(rec, ConstantExpert(EXPERT), residual_scale=0.5)
+    two = util.ExpertResidualWrapper(rec, [ConstantExpert(EXPERT), ConstantExpert(EXPERT)], residual_scale=0.5)
+    assert two.policy_action_dim == 8
+    obs_one, _ = one.reset(seed=0)
+    obs_two, _ = two.reset(seed=0)
+    torch.testing.assert_close(obs_two, torch.cat([obs_one, torch.tensor([EXPERT])], dim=1))  # both are shown
+    residual = torch.tensor([[0.2, 0.2, 0.4, -4.0, 0.0, -0.4, 0.0, 0.6]])
+    one.step(residual)
+    two.step(residual)
+    assert torch.equal(rec.executed[-1], rec.executed[-2])
+
+
+def test_learned_fusion_starts_at_the_mean_and_logits_pick_an_expert(native_env):
+    rec = RecordingEnv(native_env)
+    low, high = [0.1] * 8, [0.5] * 8
+    wrapper = util.ExpertResidualWrapper(rec, [ConstantExpert(low), ConstantExpert(high)], residual_scale=0.5,
+                                         fusion="learned")
+    assert wrapper.policy_action_dim == 8 + 2
+    wrapper.reset(seed=0)
+    wrapper.step(torch.zeros(1, 10))  # zero logits: the mean
+    torch.testing.assert_close(rec.executed[-1], torch.full((1, 8), 0.3))
+    wrapper.step(torch.cat([torch.full((1, 8), 0.2), torch.tensor([[-30.0, 30.0]])], dim=1))
+    torch.testing.assert_close(rec.executed[-1], torch.full((1, 8), 0.5 + 0.5 * 0.2))
+    with pytest.raises(util.UsageError, match="at least two"):
+        util.ExpertResidualWrapper(native_env, ConstantExpert(EXPERT), fusion="learned")

@@ -1,0 +1,44 @@
+"""Residual techniques: the residual scale schedule and critic warm-up in ppo.py."""
+
+import glob
+import os
+
+import pytest
+import torch
+
+import util
+from conftest import TINY, run_script
+
+
+def test_scale_schedule_gives_the_scale_at_chosen_steps():
+    constant = util.ResidualSchedule(scale=0.3, total_steps=1000)
+    assert [constant.scale_at(s) for s in (0, 500, 5000)] == [0.3, 0.3, 0.3]
+    linear = util.ResidualSchedule(scale=0.1, schedule="linear", scale_final=0.5, total_steps=1000)
+    assert [linear.scale_at(s) for s in (0, 250, 500, 1000, 3000)] == pytest.approx([0.1, 0.2, 0.3, 0.5, 0.5])
+    warmup = util.ResidualSchedule(warmup_steps=1000)
+    assert [warmup.residual_prob_at(s) for s in (0, 250, 1000, 3000)] == [0.0, 0.25, 1.0, 1.0]
+    assert util.ResidualSchedule().residual_prob_at(0) == 1.0
+    for bad, message in [(dict(schedule="cosine"), "constant, linear"),
+                         (dict(schedule="linear"), "needs --residual-scale-final"),
+                         (dict(scale_final=0.5), "needs --residual-scale-schedule linear"),
+                         (dict(warmup_steps=-1), "--residual-warmup-steps")]:
+        with pytest.raises(util.UsageError, match=message):
+            util.ResidualSchedule(**bad)
+
+
+def test_critic_warmup_freezes_the_actor(tmp_path):
+    """4 iterations, the first 2 critic-only, over two experts with a learned mix (an action of 4 + 2)."""
+    args = [*TINY, "--total-timesteps", "64", "--critic-warmup-iters", "2", "--expert-type", "ik,zero",
+            "--fusion", "learned", "--residual-warmup-steps", "32", "--no-capture-video", "--output-dir", str(tmp_path)]
+    proc = run_script("ppo.py", args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = glob.glob(str(tmp_path / "PickCube-v1__ppo__1__*"))
+    # ckpt_<i> is written before iteration i trains: ckpt_1 is the initial model, ckpt_3 follows the warm-up
+    start, warmed, final = (torch.load(os.path.join(run_dir, name), weights_only=True)
+                            for name in ("ckpt_1.pt", "ckpt_3.pt", "final_ckpt.pt"))
+    assert start["meta"]["action_dim"] == 6
+    actor = [k for k in start["model"] if not k.startswith("critic.")]
+    assert "actor_logstd" in actor
+    assert all(torch.equal(start["model"][k], warmed["model"][k]) for k in actor)
+    assert not torch.equal(start["model"]["critic.0.weight"], warmed["model"]["critic.0.weight"])
+    assert not all(torch.equal(start["model"][k], final["model"][k]) for k in actor), "the actor trains after"
