@@ -230,6 +230,9 @@ def main():
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    # nan and inf are caught once per iteration (util.check_finite below) instead of by the distributions' argument
+    # checks, which raise a traceback and cost a host sync at every call
+    torch.distributions.Distribution.set_default_validate_args(False)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     # On the CPU backend the env workers own the cores while they step, and idle OpenMP threads would
     # spin against them, so the rollout runs single-threaded; the update, while the workers wait, uses all.
@@ -373,6 +376,8 @@ def main():
         for step in range(args.num_steps):
             if stop.requested:  # a signal: drop this rollout; the last finished iteration is saved below
                 break
+            if backend == "cpu":  # ManiSkill's CPU simulation raises on a nan action: check what the policy sees
+                util.check_finite(iteration, run_dir, observations=next_obs)
             global_step += args.num_envs
             obs_buf[step] = next_obs
             dones[step] = next_done

@@ -34,6 +34,7 @@ from typing import Any, Callable, NoReturn, Optional, Union
 import gymnasium as gym
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import mani_skill.envs  # noqa: F401  (registers the ManiSkill tasks with gymnasium)
 from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
@@ -58,12 +59,10 @@ def run_cli(main: Callable[[], Any]) -> None:
     one line and exit code 1."""
     try:
         main()
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except FatalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    except (UsageError, FatalError) as err:
+        with tqdm.external_write_mode(file=sys.stderr):  # a line of its own, not the end of a progress bar
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(2 if isinstance(err, UsageError) else 1)
 
 
 # ----------------------------------------------------------------------------------------------
