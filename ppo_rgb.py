@@ -450,7 +450,7 @@ def main():
 
         if stop.requested:
             break
-        util.check_finite(iteration, run_dir, observations=obs_buf, rewards=rewards)
+        util.check_finite(iteration, run_dir, observations=state_buf, rewards=rewards)
         seconds["rollout"] += time.time() - iteration_start
         update_start = time.time()
 
