@@ -890,7 +890,7 @@ def resume_args(path: Optional[str], fields) -> dict:
 
 def check_resume(payload: dict, path: str, args) -> None:
     """A checkpoint to resume from must hold resume state and the run's batch layout (num_envs, num_steps),
-    which the iteration count and the global step are measured in."""
+    which the iteration count and the global step are measured in, and leave an iteration to run."""
     if "resume" not in payload:
         raise UsageError(f"checkpoint '{path}' holds no resume state (only the model); it can be evaluated "
                          f"(--evaluate) or used as an expert (--model-path), not resumed")
@@ -899,6 +899,9 @@ def check_resume(payload: dict, path: str, args) -> None:
         if saved[key] != getattr(args, key):
             raise UsageError(f"--resume keeps the run's batch layout: checkpoint '{path}' has {key}={saved[key]}, "
                              f"this run asks for {getattr(args, key)}")
+    if payload["resume"]["global_step"] + args.num_envs * args.num_steps > args.total_timesteps:
+        raise UsageError(f"checkpoint '{path}' is at step {payload['resume']['global_step']}, which leaves no "
+                         f"iteration before --total-timesteps {args.total_timesteps}; give a larger --total-timesteps")
 
 
 def rng_state() -> dict:

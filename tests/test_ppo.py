@@ -125,6 +125,7 @@ def test_checkpoint_and_output_misuse_is_refused(trained, tmp_path):
         (["--resume", "--checkpoint", good, "--env-id", "PushCube-v1"], "env_id=PickCube-v1"),
         (["--resume", "--checkpoint", good, "--num-envs", "4"], "keeps the run's batch layout"),
         (["--resume", "--checkpoint", good, "--evaluate"], "exclude each other"),
+        (["--resume", "--checkpoint", good], "give a larger --total-timesteps"),
         (["--output-dir", str(a_file / "runs")], "is not writable"),
     ]
     before = sorted(os.listdir(run_dir))
