@@ -52,7 +52,11 @@ class Args:
     evaluate: bool = False
     """if toggled, only evaluate the policy in --checkpoint"""
     checkpoint: Optional[str] = None
-    """path to a checkpoint (.pt) to evaluate"""
+    """path to a checkpoint (.pt) to evaluate (--evaluate) or to resume from (--resume)"""
+    resume: bool = False
+    """if toggled, continue the run of --checkpoint in its own directory, from the iteration it saved"""
+    keep_checkpoints: int = 3
+    """numbered checkpoints kept besides latest.pt and final_ckpt.pt (older ones are deleted)"""
     output_dir: str = "runs"
     """directory that receives one folder per run (logs, checkpoints, videos)"""
 
@@ -77,6 +81,8 @@ class Args:
     """std of Gaussian noise added to the expert action while training (never in eval)"""
     clip_final_action: bool = True
     """if toggled, clip the executed action to the action bounds"""
+    restart_dead_workers: bool = False
+    """if toggled, the CPU backend replaces an env worker process that died and goes on (its episodes are cut)"""
 
     # Residual techniques (README_Expert_Residual.md, "Residual techniques")
     init_logstd: float = -0.5
@@ -207,6 +213,10 @@ def check_args(args: Args) -> None:
                               args.fusion)
     if args.evaluate and args.checkpoint is None:
         raise util.UsageError("--evaluate needs --checkpoint PATH")
+    if args.evaluate and args.resume:
+        raise util.UsageError("--evaluate and --resume exclude each other: evaluate a checkpoint, or resume its run")
+    if args.keep_checkpoints < 0:
+        raise util.UsageError(f"--keep-checkpoints must be >= 0, got {args.keep_checkpoints}")
     if args.num_envs < 1 or args.num_eval_envs < 1:
         raise util.UsageError(f"--num-envs and --num-eval-envs must be >= 1, got {args.num_envs} and {args.num_eval_envs}")
     if args.residual_scale < 0:
@@ -222,11 +232,13 @@ def check_args(args: Args) -> None:
     if not args.evaluate and args.total_timesteps < batch_size:
         raise util.UsageError(f"--total-timesteps {args.total_timesteps} is less than one batch of {batch_size} "
                               f"(num_envs x num_steps)")
-    util.check_writable(args.output_dir)
+    util.check_writable(os.path.dirname(os.path.abspath(args.checkpoint)) if args.resume else args.output_dir)
 
 
 def main():
     args = tyro.cli(Args)
+    if args.resume:  # the run's own arguments, overridden by the flags given now
+        args = tyro.cli(Args, default=Args(**util.resume_args(args.checkpoint, Args)))
     backend = util.resolve_sim_backend(args.sim_backend)
     cores = os.cpu_count() or 1
     if args.num_envs is None:
@@ -247,6 +259,9 @@ def main():
     if checkpoint is not None:
         util.check_checkpoint(checkpoint, args.checkpoint, network=NETWORK, env_id=args.env_id,
                               expert_type=args.expert_type)
+    if args.resume:
+        util.check_resume(checkpoint, args.checkpoint, args)
+    resume = checkpoint["resume"] if args.resume else None
 
     batch_size = args.num_envs * args.num_steps
     minibatch_size = batch_size // args.num_minibatches
@@ -256,13 +271,17 @@ def main():
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    # nan and inf are caught once per iteration (util.check_finite below) instead of by the distributions' argument
+    # checks, which raise a traceback and cost a host sync at every call
+    torch.distributions.Distribution.set_default_validate_args(False)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     # On the CPU backend the env workers own the cores while they step, and idle OpenMP threads would
     # spin against them, so the rollout runs single-threaded; the update, while the workers wait, uses all.
     rollout_threads, update_threads = (1, torch.get_num_threads()) if backend == "cpu" else (None, None)
 
     # ---- environments: backend -> expert + residual wrapper ----
-    env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend)
+    env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend,
+                      restart_dead_workers=args.restart_dead_workers)
     eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True, **env_kwargs)
     expert = experts.make_experts(args.expert_type, args.env_id, eval_envs, ik_gain=args.ik_gain,
                                   model_path=args.model_path, expert_fn=args.expert_fn)
@@ -284,10 +303,15 @@ def main():
                               control_mode=eval_envs.control_mode)
         agent.load_state_dict(checkpoint["model"])
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: one pass over all parameters
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
 
     # ---- output: logs, checkpoints, videos ----
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
+    if resume is not None:  # a resumed run goes on in its own directory
+        run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+    else:
+        run_dir = os.path.join(args.output_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_name = os.path.basename(run_dir)
     video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
     os.makedirs(run_dir, exist_ok=True)
     if args.track:
@@ -295,23 +319,30 @@ def main():
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(run_dir)
+    # on resume, hide what a crashed run logged after its checkpoint
+    writer = SummaryWriter(run_dir, purge_step=resume["global_step"] if resume is not None else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     print(f"backend: {backend} | envs: {'-' if args.evaluate else args.num_envs} train, {args.num_eval_envs} eval | "
           f"control mode: {eval_envs.control_mode}{f' (default for --expert-type {args.expert_type})' if chosen_control_mode else ''} | "
           f"expert: {args.expert_type} | device: {device}")
-    print(f"logs: {run_dir} (tensorboard --logdir {args.output_dir})")
+    print(f"logs: {run_dir} (tensorboard --logdir {os.path.dirname(run_dir)})")
     if args.save_model and not args.evaluate:
-        print(f"checkpoints: {run_dir}/ckpt_<iteration>.pt and {run_dir}/final_ckpt.pt")
+        print(f"checkpoints: {run_dir}/latest.pt (the newest), ckpt_<iteration>.pt (the last {args.keep_checkpoints}) "
+              f"and final_ckpt.pt")
     if video_dir:
         print(f"videos: {video_dir}")
 
-    def save(path: str) -> None:
+    def save(name: str, iterations_done: int) -> str:
         meta = dict(script=SCRIPT, network=NETWORK, env_id=args.env_id, obs_mode="state",
                     control_mode=eval_envs.control_mode, obs_dim=obs_dim, action_dim=action_dim,
                     expert_type=args.expert_type, residual_scale=eval_envs.residual_scale,
                     args=asdict(args), versions=util.versions())
-        util.save_checkpoint(path, dict(model=agent.state_dict(), meta=meta))
+        # everything a resumed run needs to go on as this one would (schedules are functions of the step counts)
+        resume = dict(iteration=iterations_done, global_step=iterations_done * batch_size,
+                      optimizer=optimizer.state_dict(), rng=util.rng_state(),
+                      env_rng=dict(train=envs.get_episode_rng(), eval=eval_envs.get_episode_rng()))
+        return util.save_run_checkpoint(run_dir, name, dict(model=agent.state_dict(), meta=meta, resume=resume),
+                                        args.keep_checkpoints)
 
     def evaluate(global_step: int) -> dict:
         agent.eval()
@@ -354,25 +385,32 @@ def main():
     final_values = torch.zeros((args.num_steps, args.num_envs), device=device)
     residual_applied = torch.ones((args.num_steps, args.num_envs), device=device)  # progressive exploration's coin
 
-    global_step, last_eval = 0, {}
+    iterations_done, global_step, last_eval = 0, 0, {}
     seconds = dict(rollout=0.0, env_step=0.0, update=0.0)  # training time, evaluation excluded
-    next_obs, _ = envs.reset(seed=args.seed)
+    if resume is None:
+        next_obs, _ = envs.reset(seed=args.seed)
+    else:  # ---- resume: counters, the envs' episodes and seed streams, then the random streams ----
+        iterations_done, global_step = resume["iteration"], resume["global_step"]
+        next_obs, _ = envs.reset_to_episode_rng(resume["env_rng"]["train"])
+        eval_envs.reset_to_episode_rng(resume["env_rng"]["eval"])
+        util.set_rng_state(resume["rng"])  # after the resets, which may draw expert noise
+        print(f"resumed from {args.checkpoint} after iteration {iterations_done} ({global_step} steps)")
+    steps_at_start = global_step
     next_obs = next_obs.to(device)
     next_done = torch.zeros(args.num_envs, device=device)
-    progress = tqdm(total=num_iterations * batch_size, unit="step", dynamic_ncols=True)
+    progress = tqdm(total=num_iterations * batch_size, initial=global_step, unit="step", dynamic_ncols=True)
+    stop = util.GracefulStop()  # SIGINT, SIGTERM: stop at the next safe point, checkpoint, exit
 
-    for iteration in range(1, num_iterations + 1):
+    for iteration in range(iterations_done + 1, num_iterations + 1):
         if rollout_threads:
             torch.set_num_threads(rollout_threads)
         schedule.apply(global_step, train=envs, evaluation=eval_envs)  # residual scale and probability
-        # ---- eval (and checkpoint) ----
-        if (iteration - 1) % args.eval_freq == 0:
+        # ---- eval ----
+        if (iteration - 1) % args.eval_freq == 0 and not stop.requested:
             last_eval = evaluate(global_step)
             for k, v in last_eval.items():
                 writer.add_scalar(f"eval/{k}", v, global_step)
             progress.write(eval_line(last_eval, global_step))
-            if args.save_model:
-                save(os.path.join(run_dir, f"ckpt_{iteration}.pt"))
 
         iteration_start = time.time()
         if args.anneal_lr:
@@ -382,6 +420,10 @@ def main():
         final_values.zero_()
         action_stats = defaultdict(float)  # summed as tensors; read once per iteration
         for step in range(args.num_steps):
+            if stop.requested:  # a signal: drop this rollout; the last finished iteration is saved below
+                break
+            if backend == "cpu":  # ManiSkill's CPU simulation raises on a nan action: check what the policy sees
+                util.check_finite(iteration, run_dir, observations=next_obs)
             global_step += args.num_envs
             obs_buf[step] = next_obs
             dones[step] = next_done
@@ -412,6 +454,9 @@ def main():
                     final_obs = infos["final_observation"].to(device)
                     final_values[step, bootstrap] = agent.get_value(final_obs[bootstrap]).flatten()
 
+        if stop.requested:
+            break
+        util.check_finite(iteration, run_dir, observations=obs_buf, rewards=rewards)
         seconds["rollout"] += time.time() - iteration_start
         update_start = time.time()
 
@@ -434,6 +479,8 @@ def main():
         critic_warmup = iteration <= args.critic_warmup_iters
 
         clipfracs = []
+        # nan or inf anywhere stays in these sums, checked once after the update (no host sync per minibatch)
+        loss_sum, grad_norm_sum = torch.zeros((), device=device), torch.zeros((), device=device)
         for epoch in range(args.update_epochs):
             b_inds = torch.randperm(batch_size, device=device)
             for start in range(0, batch_size, minibatch_size):
@@ -471,14 +518,16 @@ def main():
 
                 optimizer.zero_grad()
                 loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                grad_norm_sum += nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                loss_sum += loss.detach()
                 optimizer.step()
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
+        util.check_finite(iteration, run_dir, loss=loss_sum, gradients=grad_norm_sum)
 
         # ---- log ----
         seconds["update"] += time.time() - update_start
-        sps = int(global_step / (seconds["rollout"] + seconds["update"]))
+        sps = int((global_step - steps_at_start) / (seconds["rollout"] + seconds["update"]))
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
@@ -495,12 +544,24 @@ def main():
         writer.add_scalar("charts/SPS", sps, global_step)
         writer.add_scalar("charts/residual_scale", envs.residual_scale, global_step)
         writer.add_scalar("charts/residual_prob", envs.residual_prob, global_step)
+        writer.add_scalar("charts/worker_restarts", envs.env.worker_restarts, global_step)
         for k, v in seconds.items():
             writer.add_scalar(f"time/{k}_seconds", v, global_step)
         progress.update(batch_size)
         progress.set_postfix(SPS=sps, eval_success=f"{last_eval.get('success_once', float('nan')):.2f}")
 
+        # ---- checkpoint: the model the next eval scores, and what resuming needs ----
+        iterations_done = iteration
+        if args.save_model and iteration % args.eval_freq == 0:
+            save(f"ckpt_{iteration}.pt", iteration)
+
     progress.close()
+    if stop.requested:  # ---- signal: checkpoint the last finished iteration, close envs and workers, exit ----
+        latest = save(f"ckpt_{iterations_done}.pt", iterations_done) if args.save_model else None
+        writer.close()
+        envs.close()
+        eval_envs.close()
+        stop.exit(f"resume with: python {SCRIPT} --resume --checkpoint {latest}" if latest else "nothing saved")
     if rollout_threads:
         torch.set_num_threads(rollout_threads)
     # ---- final eval and checkpoint ----
@@ -510,10 +571,11 @@ def main():
         writer.add_scalar(f"eval/{k}", v, global_step)
     print(eval_line(last_eval, global_step))
     if args.save_model:
-        save(os.path.join(run_dir, "final_ckpt.pt"))
+        save("final_ckpt.pt", iterations_done)
         print(f"saved {run_dir}/final_ckpt.pt")
+    train_sps = (global_step - steps_at_start) / (seconds["rollout"] + seconds["update"])
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(dict(global_step=global_step, train_sps=global_step / (seconds["rollout"] + seconds["update"]),
+        json.dump(dict(global_step=global_step, train_sps=train_sps,
                        seconds=seconds, eval=last_eval), f, indent=2)
     writer.close()
     envs.close()

@@ -16,20 +16,28 @@ Data path: backend -> ExpertResidualWrapper -> training script.
 
 from __future__ import annotations
 
+import atexit
 import difflib
+import glob
 import hashlib
 import multiprocessing as mp
 import os
 import pickle
+import random
+import re
+import signal
 import sys
+import threading
 import traceback
+import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NoReturn, Optional, Union
 
 import gymnasium as gym
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import mani_skill.envs  # noqa: F401  (registers the ManiSkill tasks with gymnasium)
 from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
@@ -41,13 +49,54 @@ class UsageError(Exception):
     """Bad input from the user: the scripts print the message on one line and exit with code 2."""
 
 
+class FatalError(RuntimeError):
+    """The run cannot go on (a dead env worker, NaN or inf in training): one line on stderr, exit code 1."""
+
+
+class WorkerDied(FatalError):
+    """A CPU env worker process exited."""
+
+
 def run_cli(main: Callable[[], Any]) -> None:
-    """Run a script's main function, turning a UsageError into one line on stderr and exit code 2."""
+    """Run a script's main function: a UsageError becomes one line on stderr and exit code 2, a FatalError
+    one line and exit code 1."""
     try:
         main()
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except (UsageError, FatalError) as err:
+        with tqdm.external_write_mode(file=sys.stderr):  # a line of its own, not the end of a progress bar
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(2 if isinstance(err, UsageError) else 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals
+# ----------------------------------------------------------------------------------------------
+STOP_SIGNALS = {signal.SIGINT: 0, signal.SIGTERM: 143}  # signal -> the exit code of a clean stop
+
+
+class GracefulStop:
+    """SIGINT and SIGTERM ask the training loop to stop at a safe point instead of killing it.
+
+    The loop polls ``requested``; a second signal gets the signal's previous handler, so a second Ctrl-C
+    interrupts at once. ``exit()`` ends the process with 0 after SIGINT and 143 after SIGTERM.
+    """
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def exit(self, message: str) -> NoReturn:
+        print(f"stopped by {signal.Signals(self.signum).name}: {message}", flush=True)
+        sys.exit(STOP_SIGNALS[self.signum])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,13 +143,15 @@ def make_env(
     sim_backend: str = "auto",
     ignore_terminations: bool = False,
     num_workers: Optional[int] = None,
+    restart_dead_workers: bool = False,
     **env_kwargs,
 ):
     """Build a batched ManiSkill env on the chosen backend.
 
     ``sim_backend`` is auto|gpu|cpu as on the command line, or ``"physx_cpu"``, which runs ManiSkill's
     own vector path (``GpuVectorEnv``) on the CPU simulator with one env: that is how the GPU code path
-    is exercised on machines without CUDA. ``env_kwargs`` go to ``gym.make`` (``obs_mode``,
+    is exercised on machines without CUDA. ``num_workers`` and ``restart_dead_workers`` concern the CPU
+    backend only (the GPU backend has no worker processes). ``env_kwargs`` go to ``gym.make`` (``obs_mode``,
     ``control_mode``, ``max_episode_steps``, ...); ``obs_mode`` defaults to ``state_dict``.
     """
     check_env_id(env_id)
@@ -115,7 +166,8 @@ def make_env(
         return GpuVectorEnv(env_id, 1, "physx_cpu", ignore_terminations, **env_kwargs)
     if resolve_sim_backend(sim_backend) == "gpu":
         return GpuVectorEnv(env_id, num_envs, "physx_cuda", ignore_terminations, **env_kwargs)
-    return CpuVectorEnv(env_id, num_envs, ignore_terminations, num_workers=num_workers, **env_kwargs)
+    return CpuVectorEnv(env_id, num_envs, ignore_terminations, num_workers=num_workers,
+                        restart_dead_workers=restart_dead_workers, **env_kwargs)
 
 
 def _max_episode_steps(env: gym.Env) -> int:
@@ -125,12 +177,24 @@ def _max_episode_steps(env: gym.Env) -> int:
 class GpuVectorEnv(ManiSkillVectorEnv):
     """ManiSkill's own batched simulation: ``gym.make(num_envs=N, sim_backend=...)`` + ManiSkillVectorEnv."""
 
+    worker_restarts = 0  # one process: no workers to lose
+
     def __init__(self, env_id: str, num_envs: int, sim_backend: str, ignore_terminations: bool, **env_kwargs):
         env = _gym_make(env_id, num_envs=num_envs, sim_backend=sim_backend, **env_kwargs)
         super().__init__(env, num_envs, ignore_terminations=ignore_terminations, record_metrics=True)
         self.max_episode_steps = _max_episode_steps(env)
         self.control_mode = self.base_env.control_mode
         self.image_policy_extra_keys = _image_policy_extra_keys(self.base_env)
+
+    def get_episode_rng(self) -> list[dict]:
+        """As ``CpuVectorEnv.get_episode_rng``."""
+        return _episode_rng(self.base_env)
+
+    def reset_to_episode_rng(self, state: list[dict]):
+        """As ``CpuVectorEnv.reset_to_episode_rng``."""
+        obs, info = self.reset(seed=[env_state["seed"] for env_state in state])
+        _set_episode_streams(self.base_env, state)
+        return obs, info
 
 
 def _image_policy_extra_keys(base_env) -> list[str]:
@@ -218,6 +282,29 @@ def _tensor_infos(info: dict) -> dict:
     return {k: v for k, v in info.items() if isinstance(v, torch.Tensor)}
 
 
+def _saveable_random_state(state: tuple) -> tuple:
+    """``np.random.RandomState.get_state()`` with its key array as a tensor, which ``torch.load(weights_only=True)``
+    accepts."""
+    name, keys, pos, has_gauss, cached_gaussian = state
+    return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)
+
+
+def _random_state(saved: tuple) -> tuple:
+    name, keys, pos, has_gauss, cached_gaussian = saved
+    return name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian
+
+
+def _episode_rng(base_env) -> list[dict]:
+    """Per env: the seed of its current episode and the stream its next episode seeds come from."""
+    return [dict(seed=int(seed), stream=_saveable_random_state(rng.get_state()))
+            for seed, rng in zip(base_env._episode_seed, base_env._batched_main_rng.rngs)]
+
+
+def _set_episode_streams(base_env, state: list[dict]) -> None:
+    for rng, env_state in zip(base_env._batched_main_rng.rngs, state):
+        rng.set_state(_random_state(env_state["stream"]))
+
+
 # Step requests and replies are single bytes; everything else is a pickled (command, argument) pair.
 _STEP, _OK, _ERROR, _BAD_CONFIG = b"s", b"k", b"E", b"U"
 
@@ -296,6 +383,12 @@ def _cpu_worker(conn: Connection, worker_index: int, env_id: str, env_slice: tup
                 conn.send_bytes(_OK)
             elif cmd == "render":
                 conn.send([_to_numpy(env.render())[0] for env in envs])
+            elif cmd == "episode_rng":
+                conn.send([state for env in envs for state in _episode_rng(env.unwrapped)])
+            elif cmd == "set_episode_streams":
+                for env, env_state in zip(envs, arg):
+                    _set_episode_streams(env.unwrapped, [env_state])
+                conn.send_bytes(_OK)
             elif cmd == "close":
                 break
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
@@ -321,8 +414,10 @@ class CpuVectorEnv:
     """
 
     def __init__(self, env_id: str, num_envs: int, ignore_terminations: bool = False,
-                 num_workers: Optional[int] = None, **env_kwargs):
+                 num_workers: Optional[int] = None, restart_dead_workers: bool = False, **env_kwargs):
         self.num_envs = num_envs
+        self.restart_dead_workers = restart_dead_workers
+        self.worker_restarts = 0
         self.ignore_terminations = ignore_terminations
         self.device = torch.device("cpu")
         # Unseeded resets draw task randomness from the process's global torch RNG, which here depends on
@@ -333,18 +428,14 @@ class CpuVectorEnv:
         num_workers = max(1, min(num_envs, num_workers or cores))
         bounds = np.linspace(0, num_envs, num_workers + 1).round().astype(int)
         self.slices = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-        ctx = mp.get_context("spawn")  # forking a process that has initialised SAPIEN or torch is not safe
+        self._ctx = mp.get_context("spawn")  # forking a process that has initialised SAPIEN or torch is not safe
+        self._worker_config = (env_id, ignore_terminations, env_kwargs)
         self.conns, self.procs, self.shared = [], [], None
-        for w, env_slice in enumerate(self.slices):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_cpu_worker, args=(child, w, env_id, env_slice, ignore_terminations, env_kwargs),
-                               daemon=True)
-            proc.start()
-            child.close()  # so that a dead worker shows up as EOF on our end
-            self.conns.append(parent)
-            self.procs.append(proc)
+        _LIVE_CPU_ENVS.add(self)
+        for w in range(num_workers):
+            self._spawn(w)
         try:
-            spec = [self._recv(w) for w in range(num_workers)][0]
+            spec = [pickle.loads(self._recv(w)) for w in range(num_workers)][0]
         except Exception:
             self.close()
             raise
@@ -361,54 +452,125 @@ class CpuVectorEnv:
         for name, (shape, dtype) in spec["info_layout"].items():
             layout[("info", name)] = ((num_envs, *shape), dtype)
         self.shared = _SharedArrays(layout)
+        self._layout = layout
         self.buffers = {k: torch.from_numpy(v) for k, v in self.shared.arrays.items()}
         for conn in self.conns:
             conn.send((self.shared.shm.name, layout))
         self._obs_paths = list(spec["obs_layout"])
         self._info_keys = list(spec["info_layout"])
+        self._last_obs: dict = {}  # what the last reset or step returned: a restarted worker's envs end there
+        self._last_info: dict = {}
         self.returns = torch.zeros(num_envs)
         self.success_once = torch.zeros(num_envs, dtype=torch.bool)
         self.fail_once = torch.zeros(num_envs, dtype=torch.bool)
 
     # -- plumbing ------------------------------------------------------------------------------
-    def _recv(self, w: int, raw: bool = False):
+    def _spawn(self, w: int) -> None:
+        """Start worker w (again) on its slice of envs."""
+        parent, child = self._ctx.Pipe()
+        env_id, ignore_terminations, env_kwargs = self._worker_config
+        proc = self._ctx.Process(target=_cpu_worker, daemon=True,
+                                 args=(child, w, env_id, self.slices[w], ignore_terminations, env_kwargs))
+        # Workers ignore SIGINT and SIGTERM from their first instruction on (an ignored disposition survives
+        # exec): Ctrl-C reaches the whole process group, and the trainer decides how to stop. Workers exit
+        # on close() or when the trainer's end of the pipe closes. Only the main thread may set handlers; a
+        # signal to the trainer during these few milliseconds is lost.
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS} if in_main_thread else {}
+        try:
+            proc.start()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        child.close()  # so that a dead worker shows up as EOF on our end
+        if w < len(self.procs):
+            self.conns[w], self.procs[w] = parent, proc
+        else:
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    def _recv(self, w: int) -> bytes:
         try:
             msg = self.conns[w].recv_bytes()
         except (EOFError, OSError):
             a, b = self.slices[w]
             self.procs[w].join(timeout=1)
-            raise RuntimeError(f"CPU env worker {w} (envs {a}..{b - 1}) died "
-                               f"(exit code {self.procs[w].exitcode})") from None
+            raise WorkerDied(f"CPU env worker {w} (envs {a}..{b - 1}) died "
+                             f"(exit code {self.procs[w].exitcode})") from None
         if msg.startswith(_ERROR):
             raise RuntimeError(f"CPU env worker {w} failed:\n{msg[1:].decode()}")
         if msg.startswith(_BAD_CONFIG):
             raise UsageError(msg[1:].decode())
-        return msg if raw else pickle.loads(msg)
+        return msg
 
     def _send(self, w: int, message: bytes) -> None:
         try:
             self.conns[w].send_bytes(message)
         except OSError:  # broken pipe: the worker is gone; _recv names it and its exit code
             self._recv(w)
-            raise RuntimeError(f"CPU env worker {w} stopped taking commands") from None
+            raise WorkerDied(f"CPU env worker {w} stopped taking commands") from None
 
-    def _request(self, cmd: str, args: Optional[list] = None) -> list:
-        for w in range(len(self.conns)):
-            self._send(w, pickle.dumps((cmd, None if args is None else args[w])))
-        return [self._recv(w, raw=cmd == "reset") for w in range(len(self.conns))]
+    def _exchange(self, messages: list[bytes], restartable: bool = False) -> tuple[list, list[int]]:
+        """Send worker w ``messages[w]``, then collect every reply. A dead worker raises WorkerDied naming it
+        and its envs, unless ``restartable`` and ``restart_dead_workers``: then it is listed in the second
+        return value (its reply is None) for the caller to restart."""
+        dead = []
+        for w, message in enumerate(messages):
+            try:
+                self._send(w, message)
+            except WorkerDied:
+                if not (restartable and self.restart_dead_workers):
+                    raise
+                dead.append(w)
+        replies = []
+        for w in range(len(messages)):
+            try:
+                replies.append(None if w in dead else self._recv(w))
+            except WorkerDied:
+                if not (restartable and self.restart_dead_workers):
+                    raise
+                dead.append(w)
+                replies.append(None)
+        return replies, dead
+
+    def _request(self, cmd: str, args: Optional[list] = None, restartable: bool = False) -> tuple[list, list[int]]:
+        return self._exchange([pickle.dumps((cmd, None if args is None else args[w])) for w in range(len(self.conns))],
+                              restartable)
+
+    def _restart(self, w: int, seeds: list[int]) -> None:
+        """Replace dead worker w by a new one and reset its envs with ``seeds``."""
+        a, b = self.slices[w]
+        exitcode = self.procs[w].exitcode
+        self.conns[w].close()
+        self._spawn(w)
+        pickle.loads(self._recv(w))  # its spec: the same as the first worker's
+        self.conns[w].send((self.shared.shm.name, self._layout))
+        self._send(w, pickle.dumps(("reset", seeds)))
+        self._recv(w)
+        self.worker_restarts += 1
+        print(f"warning: CPU env worker {w} (envs {a}..{b - 1}) died (exit code {exitcode}) and was restarted "
+              f"({self.worker_restarts} restart(s) so far)", file=sys.stderr, flush=True)
 
     def _read(self, key: str) -> dict:
-        return _unflatten_paths({p: self.buffers[(key, p)].clone() for p in self._obs_paths})
+        flat = {p: self.buffers[(key, p)].clone() for p in self._obs_paths}
+        if key == "obs":
+            self._last_obs = flat
+        return _unflatten_paths(flat)
 
     def _read_info(self) -> dict:
-        return {k: self.buffers[("info", k)].clone() for k in self._info_keys}
+        self._last_info = {k: self.buffers[("info", k)].clone() for k in self._info_keys}
+        return dict(self._last_info)
 
     # -- the ManiSkillVectorEnv interface ------------------------------------------------------
     def reset(self, *, seed: Union[None, int, list[int]] = None, options: Optional[dict] = None):
         if options:  # partial resets happen inside the workers, at the end of each env's episode
             raise NotImplementedError(f"CpuVectorEnv.reset takes no options, got {sorted(options)}")
         seeds = None if seed is None else _episode_seeds(seed, self.num_envs)
-        self._request("reset", None if seeds is None else [seeds[a:b] for a, b in self.slices])
+        _, dead = self._request("reset", None if seeds is None else [seeds[a:b] for a, b in self.slices],
+                                restartable=True)
+        for w in dead:
+            a, b = self.slices[w]
+            self._restart(w, None if seeds is None else seeds[a:b])
         self.returns.zero_()
         self.success_once.zero_()
         self.fail_once.zero_()
@@ -416,10 +578,19 @@ class CpuVectorEnv:
 
     def step(self, actions: torch.Tensor):
         self.buffers["action"].copy_(actions.detach().reshape(self.num_envs, -1))
-        for w in range(len(self.conns)):
-            self._send(w, _STEP)
-        for w in range(len(self.conns)):
-            self._recv(w, raw=True)
+        _, dead = self._exchange([_STEP] * len(self.conns), restartable=True)
+        for w in dead:
+            # The envs of a dead worker restart with new episodes. The step they lost is reported as a
+            # truncation with reward 0 whose final observation (and episode metrics) are those of the last
+            # step they completed, so the trainer bootstraps from the state it last saw.
+            a, b = self.slices[w]
+            self._restart(w, np.random.RandomState(self.worker_restarts).randint(2**31, size=b - a).tolist())
+            self.buffers["reward"][a:b] = 0
+            self.buffers["terminated"][a:b], self.buffers["truncated"][a:b] = False, True
+            for path in self._obs_paths:
+                self.buffers[("final_obs", path)][a:b] = self._last_obs[path][a:b]
+            for k in self._info_keys:
+                self.buffers[("info", k)][a:b] = self._last_info[k][a:b]
         rew = self.buffers["reward"].clone()
         terminations = self.buffers["terminated"].clone()
         truncations = self.buffers["truncated"].clone()
@@ -458,8 +629,19 @@ class CpuVectorEnv:
         return obs, rew, terminations, truncations, info
 
     def render(self) -> torch.Tensor:
-        frames = [f for part in self._request("render") for f in part]
+        frames = [f for reply in self._request("render")[0] for f in pickle.loads(reply)]
         return torch.from_numpy(np.stack(frames))
+
+    def get_episode_rng(self) -> list[dict]:
+        """Per env: its current episode's seed and the state of the stream that seeds its next episodes."""
+        return [state for reply in self._request("episode_rng")[0] for state in pickle.loads(reply)]
+
+    def reset_to_episode_rng(self, state: list[dict]):
+        """Restart every env's current episode from its seed and continue its seed stream from ``state``
+        (``get_episode_rng()``): envs saved at episode starts continue exactly as they would have."""
+        obs, info = self.reset(seed=[env_state["seed"] for env_state in state])
+        self._request("set_episode_streams", [state[a:b] for a, b in self.slices])
+        return obs, info
 
     def close(self) -> None:
         for conn in self.conns:
@@ -481,6 +663,17 @@ class CpuVectorEnv:
     def __del__(self):
         if getattr(self, "procs", None):
             self.close()
+
+
+_LIVE_CPU_ENVS: "weakref.WeakSet[CpuVectorEnv]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_cpu_envs() -> None:
+    # Runs before multiprocessing's exit handler (registered earlier, so called later), which would send the
+    # workers SIGTERM, which they ignore, and then wait for them forever.
+    for env in list(_LIVE_CPU_ENVS):
+        env.close()
 
 
 def _expand_as(mask: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
@@ -696,6 +889,15 @@ class ExpertResidualWrapper:
         self.expert_actions = self._expert_actions(obs)
         return self._policy_obs(obs, self.expert_actions), info
 
+    def get_episode_rng(self) -> list[dict]:
+        return self.env.get_episode_rng()
+
+    def reset_to_episode_rng(self, state: list[dict]):
+        """Resume: restart the envs' episodes and seed streams as ``get_episode_rng()`` saved them."""
+        obs, info = self.env.reset_to_episode_rng(state)
+        self.expert_actions = self._expert_actions(obs)
+        return self._policy_obs(obs, self.expert_actions), info
+
     def step(self, policy_action: torch.Tensor):
         policy_action = policy_action.to(self.device)
         if self.residual_prob >= 1.0:  # no coin flips then, so runs without warm-up draw no extra randomness
@@ -813,21 +1015,49 @@ def init_distributed() -> Distributed:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints and videos
+# Checkpoints, resuming, numerical checks and videos
 # ----------------------------------------------------------------------------------------------
 def save_checkpoint(path: str, payload: dict) -> None:
     """Write atomically: a temporary file, fsync, then rename, so a crash never leaves a torn file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         torch.save(payload, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    dir_fd = os.open(directory, os.O_RDONLY)  # and the rename itself survives a power cut
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_run_checkpoint(run_dir: str, name: str, payload: dict, keep: int) -> str:
+    """Save ``run_dir/name`` atomically, make ``run_dir/latest.pt`` the same file (atomically too), and keep
+    only the newest ``keep`` numbered ``ckpt_<iteration>.pt``. Returns the path of latest.pt."""
+    path, latest = os.path.join(run_dir, name), os.path.join(run_dir, "latest.pt")
+    save_checkpoint(path, payload)
+    tmp = f"{latest}.tmp{os.getpid()}"
+    try:
+        os.link(path, tmp)  # a second name for the same bytes: nothing written twice
+        os.replace(tmp, latest)
+    except OSError:  # a file system without hard links
+        save_checkpoint(latest, payload)
+    for stale in glob.glob(os.path.join(glob.escape(run_dir), "*.pt.tmp*")):  # left by a save that was killed
+        os.remove(stale)
+    numbered = {int(m.group(1)): f for f in os.listdir(run_dir) if (m := re.fullmatch(r"ckpt_(\d+)\.pt", f))}
+    for iteration in sorted(numbered)[:max(0, len(numbered) - keep)]:
+        os.remove(os.path.join(run_dir, numbered[iteration]))
+    return latest
 
 
 def load_checkpoint(path: str, map_location: Union[str, torch.device] = "cpu") -> dict:
     """Load a checkpoint written by one of the scripts, or raise a one-line UsageError saying why not."""
+    if os.path.isdir(path):
+        raise UsageError(f"checkpoint '{path}' is a directory; give a .pt file in it, e.g. "
+                         f"{os.path.join(path, 'latest.pt')}")
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint '{path}' does not exist")
     try:
@@ -848,6 +1078,59 @@ def check_checkpoint(payload: dict, path: str, **expected) -> None:
         if have != want:
             script = f" (written by {meta['script']})" if key == "network" and "script" in meta else ""
             raise UsageError(f"checkpoint '{path}' has {key}={have}{script} but this run needs {key}={want}")
+
+
+def resume_args(path: Optional[str], fields) -> dict:
+    """The arguments a run was started with, read from its checkpoint: --resume starts from them, and flags
+    given on the command line override them. ``fields``: the script's Args (unknown keys are dropped)."""
+    if path is None:
+        raise UsageError("--resume needs --checkpoint PATH (e.g. runs/<run>/latest.pt)")
+    saved = load_checkpoint(path)["meta"].get("args", {})
+    return {k: v for k, v in saved.items() if k in fields.__dataclass_fields__}
+
+
+def check_resume(payload: dict, path: str, args) -> None:
+    """A checkpoint to resume from must hold resume state and the run's batch layout (num_envs, num_steps),
+    which the iteration count and the global step are measured in, and leave an iteration to run."""
+    if "resume" not in payload:
+        raise UsageError(f"checkpoint '{path}' holds no resume state (only the model); it can be evaluated "
+                         f"(--evaluate) or used as an expert (--model-path), not resumed")
+    saved = payload["meta"]["args"]
+    for key in ("num_envs", "num_steps"):
+        if saved[key] != getattr(args, key):
+            raise UsageError(f"--resume keeps the run's batch layout: checkpoint '{path}' has {key}={saved[key]}, "
+                             f"this run asks for {getattr(args, key)}")
+    if payload["resume"]["global_step"] + args.num_envs * args.num_steps > args.total_timesteps:
+        raise UsageError(f"checkpoint '{path}' is at step {payload['resume']['global_step']}, which leaves no "
+                         f"iteration before --total-timesteps {args.total_timesteps}; give a larger --total-timesteps")
+
+
+def rng_state() -> dict:
+    """The trainer's random streams (python, numpy, torch, CUDA), in a form torch.load(weights_only=True) accepts."""
+    return dict(python=random.getstate(), numpy=_saveable_random_state(np.random.get_state()),
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    np.random.set_state(_random_state(state["numpy"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def check_finite(iteration: int, run_dir: str, **quantities: torch.Tensor) -> None:
+    """Stop the run (FatalError) if a quantity holds nan or inf, naming the iteration and the quantity. One host
+    sync per call: meant for whole buffers or per-iteration sums, checked before anything of the iteration is
+    saved, so the last checkpoint on disk stays the last good one."""
+    finite = torch.stack([torch.isfinite(v).all() for v in quantities.values()]).tolist()
+    for name, ok in zip(quantities, finite):
+        if not ok:
+            latest = os.path.join(run_dir, "latest.pt")
+            kept = f"the last good checkpoint is {latest}" if os.path.exists(latest) else "no checkpoint was saved yet"
+            raise FatalError(f"iteration {iteration}: non-finite {name} (nan or inf); stopped without saving this "
+                             f"iteration ({kept})")
 
 
 def versions() -> dict:

@@ -64,6 +64,9 @@ BAD_INPUTS = [
     (["--expert-type", "ik,oracle"], "unknown expert type 'oracle'"),
     (["--fusion", "learned"], "give at least two"),
     (["--residual-scale-schedule", "linear"], "needs --residual-scale-final"),
+    (["--expert-type", "model", "--model-path", "."], "is a directory"),
+    (["--keep-checkpoints", "-1"], "--keep-checkpoints must be >= 0"),
+    (["--resume"], "--resume needs --checkpoint"),
 ]
 
 
@@ -96,3 +99,43 @@ def test_corrupt_and_foreign_checkpoints_are_refused(trained, tmp_path):
         proc = run([*TINY, "--evaluate", "--checkpoint", str(path), "--output-dir", str(tmp_path / "runs")],
                    cwd=tmp_path)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_checkpoint_and_output_misuse_is_refused(trained, tmp_path):
+    """--model-path and --resume with checkpoints that do not fit, and an output directory that cannot exist."""
+    run_dir, _ = trained
+    good = os.path.join(run_dir, "final_ckpt.pt")
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    other_obs_dim = tmp_path / "other_obs_dim.pt"  # a consistent checkpoint for a 51-dim observation
+    from ppo import Agent
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["model"], ckpt["meta"]["obs_dim"] = Agent(51, 8).state_dict(), 51
+    torch.save(ckpt, other_obs_dim)
+    model_only = tmp_path / "model_only" / "model_only.pt"
+    model_only.parent.mkdir()
+    torch.save(dict(model=ckpt["model"], meta=ckpt["meta"]), model_only)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    model = ["--expert-type", "model", "--model-path"]
+    cases = [
+        ([*model, str(text)], "cannot be loaded"),
+        ([*model, str(foreign)], "is not a checkpoint"),
+        ([*model, str(other_obs_dim)], "trained on 43-dim states but PickCube-v1 gives 42"),
+        (["--resume", "--checkpoint", str(model_only)], "holds no resume state"),
+        (["--resume", "--checkpoint", good, "--env-id", "PushCube-v1"], "env_id=PickCube-v1"),
+        (["--resume", "--checkpoint", good, "--num-envs", "4"], "keeps the run's batch layout"),
+        (["--resume", "--checkpoint", good, "--evaluate"], "exclude each other"),
+        (["--resume", "--checkpoint", good], "give a larger --total-timesteps"),
+        (["--output-dir", str(a_file / "runs")], "is not writable"),
+    ]
+    before = sorted(os.listdir(run_dir))
+    for extra, message in cases:
+        out = tmp_path / "out"
+        proc = run([*TINY, "--output-dir", str(out), *extra], cwd=tmp_path)
+        lines = [l for l in proc.stderr.replace("\r", "\n").splitlines() if l.strip() and "WARNING" not in l]
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (extra, proc.stderr[-2000:])
+        assert not out.exists(), "bad input must not write anything"
+    assert sorted(os.listdir(run_dir)) == before, "a refused resume must not touch the run"

@@ -65,6 +65,8 @@ def test_rgb_evaluate_round_trip_and_state_script_refuses_it(trained_rgb, tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "eval @ 0 steps: success_once=" in proc.stdout
     assert glob.glob(str(tmp_path / "eval" / "*" / "videos" / "*.mp4"))
-    proc = run_script("ppo.py", ["--evaluate", "--checkpoint", ckpt, "--output-dir", str(tmp_path / "x")],
-                      cwd=tmp_path)
-    assert proc.returncode == 2 and "network=cnn-rgb-state (written by ppo_rgb.py)" in proc.stderr, proc.stderr
+    for flags, message in [(["--evaluate", "--checkpoint", ckpt], "network=cnn-rgb-state (written by ppo_rgb.py)"),
+                           (["--resume", "--checkpoint", ckpt], "network=cnn-rgb-state (written by ppo_rgb.py)"),
+                           (["--expert-type", "model", "--model-path", ckpt], "holds network cnn-rgb-state")]:
+        proc = run_script("ppo.py", [*flags, "--output-dir", str(tmp_path / "x")], cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -1,0 +1,213 @@
+"""Reliability of the training scripts: resume, rotating checkpoints, signals, kill -9, dead workers, NaN."""
+
+import glob
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import util
+from conftest import ROOT, TINY, run_script
+
+# 2 envs, 4 iterations of 25 steps; a checkpoint every 2 iterations, i.e. every 50 steps per env, which is
+# PickCube's episode length: without partial resets, every checkpoint falls on an episode start
+ALIGNED = ["--sim-backend", "cpu", "--num-envs", "2", "--num-eval-envs", "1", "--num-steps", "25",
+           "--num-minibatches", "2", "--total-timesteps", "200", "--eval-freq", "2", "--num-eval-steps", "10",
+           "--no-partial-reset", "--no-capture-video"]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_resumed_run_matches_the_straight_run(tmp_path):
+    """N iterations straight equal N/2, resume, N/2 (CPU backend, fixed seeds, checkpoint at episode starts)."""
+    proc = run_script("ppo.py", [*ALIGNED, "--output-dir", str(tmp_path / "straight")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (straight,) = glob.glob(str(tmp_path / "straight" / "*"))
+    half = load(os.path.join(straight, "ckpt_2.pt"))
+    assert (half["resume"]["iteration"], half["resume"]["global_step"]) == (2, 100)
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(os.path.join(straight, "ckpt_2.pt"), resumed / "ckpt_2.pt")
+    proc = run_script("ppo.py", ["--resume", "--checkpoint", str(resumed / "ckpt_2.pt")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "after iteration 2 (100 steps)" in proc.stdout
+    assert glob.glob(str(resumed / "events.out.tfevents.*")), "logging continues in the run's directory"
+
+    want, got = load(os.path.join(straight, "final_ckpt.pt")), load(resumed / "final_ckpt.pt")
+    assert got["resume"]["global_step"] == want["resume"]["global_step"] == 200
+    moved = sum((want["model"][k] - half["model"][k]).norm() for k in want["model"])
+    assert moved > 1e-3, "the second half must change the parameters, or the comparison proves nothing"
+    for k in want["model"]:
+        torch.testing.assert_close(got["model"][k], want["model"][k], msg=f"parameter {k} diverged")
+    for a, b in zip(got["resume"]["optimizer"]["state"].values(), want["resume"]["optimizer"]["state"].values()):
+        torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# signals and kill -9
+# ---------------------------------------------------------------------------------------------------------------
+# a run that would last long, with a checkpoint after every short iteration
+ENDLESS = ["--sim-backend", "cpu", "--num-envs", "2", "--num-eval-envs", "1", "--num-steps", "4",
+           "--num-minibatches", "2", "--total-timesteps", "1000000", "--eval-freq", "1", "--num-eval-steps", "2",
+           "--no-capture-video"]
+
+
+def start(args, cwd):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "ppo.py"), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+
+
+def wait_for(path, proc, timeout=180):
+    deadline = time.time() + timeout
+    while not glob.glob(str(path)):
+        assert proc.poll() is None, f"the trainer exited with {proc.returncode} before {path} appeared"
+        assert time.time() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.1)
+    return glob.glob(str(path))[0]
+
+
+def children(pid):
+    """The trainer's child processes (env workers, multiprocessing's resource tracker)."""
+    pids = []
+    for task in glob.glob(f"/proc/{pid}/task/*/children"):
+        with open(task) as f:
+            pids += [int(p) for p in f.read().split()]
+    return pids
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in next(line for line in f if line.startswith("State:")).lower()
+    except (OSError, StopIteration):
+        return False
+
+
+def assert_gone(pids, timeout=10):
+    deadline = time.time() + timeout
+    while any(alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in pids if alive(p)], "leftover worker processes"
+
+
+@pytest.mark.parametrize("signum,to_group,code", [(signal.SIGINT, True, 0), (signal.SIGTERM, False, 143)],
+                         ids=["SIGINT to the process group (Ctrl-C)", "SIGTERM to the trainer"])
+def test_signal_checkpoints_closes_workers_and_exits(signum, to_group, code, tmp_path):
+    proc = start([*ENDLESS, "--output-dir", str(tmp_path)], tmp_path)
+    latest = wait_for(tmp_path / "*" / "latest.pt", proc)
+    workers = children(proc.pid)
+    assert len(workers) >= 3, workers  # 2 train workers, 1 eval worker (and the resource tracker)
+    if to_group:  # Ctrl-C in a terminal reaches the workers too: they must leave the stop to the trainer
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == code, out
+    assert f"stopped by {signal.Signals(signum).name}: resume with: " in out
+    resume = load(latest)["resume"]
+    assert resume["global_step"] == 8 * resume["iteration"] > 0
+    assert_gone(workers)
+
+
+def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(tmp_path):
+    rng = random.Random(0)
+    args = [*ENDLESS, "--total-timesteps", "120", "--num-envs", "1", "--output-dir", str(tmp_path)]
+    proc = start(args, tmp_path)
+    latest = wait_for(tmp_path / "*" / "latest.pt", proc)
+    for _ in range(3):
+        time.sleep(rng.uniform(0.0, 2.0))
+        workers = children(proc.pid)
+        proc.kill()
+        proc.wait()
+        assert_gone(workers)  # the workers notice the trainer's death by themselves
+        assert "resume" in load(latest)
+        proc = start(["--resume", "--checkpoint", latest], tmp_path)
+        assert any("resumed from" in line for line in iter(proc.stdout.readline, "")), "the resume did not start"
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    assert load(os.path.join(os.path.dirname(latest), "final_ckpt.pt"))["resume"]["global_step"] == 120
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU-worker faults (the plain dead-worker error and orphans: tests/test_backends.py)
+# ---------------------------------------------------------------------------------------------------------------
+def test_restarted_worker_reports_truncated_episodes_and_goes_on():
+    env = util.CpuVectorEnv("PickCube-v1", 4, num_workers=2, restart_dead_workers=True, obs_mode="state_dict",
+                            control_mode="pd_joint_delta_pos")
+    try:
+        env.reset(seed=0)
+        for _ in range(3):
+            obs, *_ = env.step(torch.zeros(4, 8))
+        last = util.flat_state(obs)
+        old_pid = env.procs[1].pid
+        env.procs[1].kill()
+        env.procs[1].join()
+        obs, reward, terminated, truncated, info = env.step(torch.zeros(4, 8))
+        assert env.worker_restarts == 1 and env.procs[1].pid != old_pid
+        assert truncated.tolist() == [False, False, True, True] and not terminated.any()
+        assert info["_final_info"].tolist() == [False, False, True, True]
+        assert reward[2:].tolist() == [0.0, 0.0]
+        # the cut episodes end where the trainer last saw them; the new ones start afresh
+        torch.testing.assert_close(util.flat_state(info["final_observation"])[2:], last[2:])
+        assert info["final_info"]["episode"]["episode_len"][2:].tolist() == [3, 3]
+        obs, _, _, truncated, info = env.step(torch.zeros(4, 8))
+        assert info["elapsed_steps"].tolist() == [5, 5, 1, 1] and not truncated.any()
+    finally:
+        env.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# numerical faults
+# ---------------------------------------------------------------------------------------------------------------
+def error_lines(proc):
+    return [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
+
+
+NAN_EXPERT = """
+import torch
+
+train_calls = 0
+
+
+def nan_from_iteration_3(obs):
+    global train_calls
+    n = obs["agent"]["qpos"].shape[0]
+    train_calls += n == 2  # the 2 training envs (the eval env is another batch)
+    return torch.full((n, 8), float("nan") if train_calls > 20 else 0.0)
+"""
+
+
+def test_nan_observation_stops_naming_iteration_and_keeps_last_good_checkpoint(tmp_path):
+    (tmp_path / "nan_expert.py").write_text(NAN_EXPERT)
+    proc = run_script("ppo.py", [*TINY, "--total-timesteps", "80", "--no-capture-video", "--expert-type", "custom",
+                                 "--expert-fn", "nan_expert.py:nan_from_iteration_3", "--output-dir", "out"],
+                      cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (run_dir,) = glob.glob("out/*", root_dir=tmp_path)
+    assert error_lines(proc) == [f"error: iteration 3: non-finite observations (nan or inf); stopped without saving "
+                                 f"this iteration (the last good checkpoint is {run_dir}/latest.pt)"]
+    assert "Traceback" not in proc.stderr
+    assert sorted(glob.glob("*.pt", root_dir=tmp_path / run_dir)) == ["ckpt_1.pt", "ckpt_2.pt", "latest.pt"]
+    good = load(tmp_path / run_dir / "latest.pt")
+    assert good["resume"]["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in good["model"].values())
+
+
+def test_nonfinite_loss_and_gradients_are_named(tmp_path):
+    # rewards of 1e30 are finite, but their squared value error is not
+    proc = run_script("ppo.py", [*TINY, "--reward-scale", "1e30", "--no-capture-video", "--output-dir", "out"],
+                      cwd=tmp_path)
+    assert proc.returncode == 1
+    assert error_lines(proc) == ["error: iteration 1: non-finite loss (nan or inf); stopped without saving this "
+                                 "iteration (no checkpoint was saved yet)"], proc.stderr[-3000:]
+    with pytest.raises(util.FatalError, match="iteration 7: non-finite gradients"):
+        util.check_finite(7, str(tmp_path), loss=torch.tensor(1.0), gradients=torch.tensor([0.0, float("inf")]))
