@@ -239,8 +239,9 @@ def main():
     args = tyro.cli(Args)
     if args.resume:  # the run's own arguments, overridden by the flags given now
         args = tyro.cli(Args, default=Args(**util.resume_args(args.checkpoint, Args)))
+    distributed = util.init_distributed()  # under torchrun: this rank's place; otherwise a single process
     backend = util.resolve_sim_backend(args.sim_backend)
-    cores = os.cpu_count() or 1
+    cores = util.available_cores()
     if args.num_envs is None:
         args.num_envs = 512 if backend == "gpu" else 4 * cores
     if args.num_eval_envs is None:
@@ -253,6 +254,8 @@ def main():
     if chosen_control_mode:
         args.control_mode = experts.default_control_mode(args.expert_type)
     check_args(args)
+    if args.evaluate and distributed.enabled:
+        raise util.UsageError("--evaluate runs in one process: start it with python, not torchrun")
     schedule = util.ResidualSchedule(args.residual_scale, args.residual_scale_schedule, args.residual_scale_final,
                                      args.total_timesteps, args.residual_warmup_steps)  # checks its flags too
     checkpoint = util.load_checkpoint(args.checkpoint) if args.checkpoint else None
@@ -263,74 +266,84 @@ def main():
         util.check_resume(checkpoint, args.checkpoint, args)
     resume = checkpoint["resume"] if args.resume else None
 
-    batch_size = args.num_envs * args.num_steps
+    batch_size = args.num_envs * args.num_steps  # per rank
     minibatch_size = batch_size // args.num_minibatches
-    num_iterations = args.total_timesteps // batch_size
+    steps_per_iteration = batch_size * distributed.world_size  # global_step and SPS count every rank's steps
+    num_iterations = args.total_timesteps // steps_per_iteration
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    seed = args.seed + distributed.rank  # each rank explores differently; rank 0's weights are broadcast
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     # nan and inf are caught once per iteration (util.check_finite below) instead of by the distributions' argument
     # checks, which raise a traceback and cost a host sync at every call
     torch.distributions.Distribution.set_default_validate_args(False)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    device = torch.device("cuda", distributed.local_rank) if torch.cuda.is_available() and args.cuda \
+        else torch.device("cpu")
     # On the CPU backend the env workers own the cores while they step, and idle OpenMP threads would
     # spin against them, so the rollout runs single-threaded; the update, while the workers wait, uses all.
     rollout_threads, update_threads = (1, torch.get_num_threads()) if backend == "cpu" else (None, None)
 
-    # ---- environments: backend -> expert + residual wrapper ----
+    # ---- environments: backend -> expert + residual wrapper (under torchrun, rank 0 alone evaluates) ----
     env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend,
                       restart_dead_workers=args.restart_dead_workers)
-    eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True, **env_kwargs)
-    expert = experts.make_experts(args.expert_type, args.env_id, eval_envs, ik_gain=args.ik_gain,
-                                  model_path=args.model_path, expert_fn=args.expert_fn)
-    eval_envs = util.ExpertResidualWrapper(eval_envs, expert, args.residual_scale, args.clip_final_action,
-                                           fusion=args.fusion)
+    envs = eval_envs = None
+    if distributed.is_main:
+        eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True, **env_kwargs)
     if not args.evaluate:
-        envs = util.ExpertResidualWrapper(
-            util.make_env(args.env_id, args.num_envs, ignore_terminations=not args.partial_reset, **env_kwargs),
-            expert, args.residual_scale, args.clip_final_action, expert_action_noise=args.expert_action_noise,
-            fusion=args.fusion)
-    num_eval_steps = args.num_eval_steps or eval_envs.max_episode_steps
-    obs, _ = eval_envs.reset(seed=args.seed + 1_000_000)
+        envs = util.make_env(args.env_id, args.num_envs, ignore_terminations=not args.partial_reset, **env_kwargs)
+    expert = experts.make_experts(args.expert_type, args.env_id, envs if eval_envs is None else eval_envs,
+                                  ik_gain=args.ik_gain, model_path=args.model_path, expert_fn=args.expert_fn)
+    if eval_envs is not None:
+        eval_envs = util.ExpertResidualWrapper(eval_envs, expert, args.residual_scale, args.clip_final_action,
+                                               fusion=args.fusion)
+        num_eval_steps = args.num_eval_steps or eval_envs.max_episode_steps
+        obs, _ = eval_envs.reset(seed=args.seed + 1_000_000)
+    if envs is not None:
+        envs = util.ExpertResidualWrapper(envs, expert, args.residual_scale, args.clip_final_action,
+                                          expert_action_noise=args.expert_action_noise, fusion=args.fusion)
+        obs, _ = envs.reset(seed=seed)  # training starts from this observation (unless it resumes)
     # the policy's action: the residual, plus one fusion logit per expert with --fusion learned
-    obs_dim, action_dim = obs.shape[1], eval_envs.policy_action_dim
+    obs_dim, action_dim = obs.shape[1], (envs or eval_envs).policy_action_dim
 
     agent = Agent(obs_dim, action_dim, args.init_logstd).to(device)
     if checkpoint is not None:
         util.check_checkpoint(checkpoint, args.checkpoint, obs_dim=obs_dim, action_dim=action_dim,
-                              control_mode=eval_envs.control_mode)
+                              control_mode=args.control_mode)
         agent.load_state_dict(checkpoint["model"])
+    distributed.broadcast_parameters(agent)  # every rank starts from rank 0's weights
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: one pass over all parameters
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
 
-    # ---- output: logs, checkpoints, videos ----
+    # ---- output: logs, checkpoints, videos (under torchrun, rank 0 alone writes) ----
     if resume is not None:  # a resumed run goes on in its own directory
         run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     else:
         run_dir = os.path.join(args.output_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
     run_name = os.path.basename(run_dir)
     video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
-    os.makedirs(run_dir, exist_ok=True)
-    if args.track:
-        import wandb
+    if distributed.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        if args.track:
+            import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    # on resume, hide what a crashed run logged after its checkpoint
-    writer = SummaryWriter(run_dir, purge_step=resume["global_step"] if resume is not None else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    print(f"backend: {backend} | envs: {'-' if args.evaluate else args.num_envs} train, {args.num_eval_envs} eval | "
-          f"control mode: {eval_envs.control_mode}{f' (default for --expert-type {args.expert_type})' if chosen_control_mode else ''} | "
-          f"expert: {args.expert_type} | device: {device}")
-    print(f"logs: {run_dir} (tensorboard --logdir {os.path.dirname(run_dir)})")
-    if args.save_model and not args.evaluate:
-        print(f"checkpoints: {run_dir}/latest.pt (the newest), ckpt_<iteration>.pt (the last {args.keep_checkpoints}) "
-              f"and final_ckpt.pt")
-    if video_dir:
-        print(f"videos: {video_dir}")
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=run_name, save_code=True)
+        # on resume, hide what a crashed run logged after its checkpoint
+        writer = SummaryWriter(run_dir, purge_step=resume["global_step"] if resume is not None else None)
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        ranks = f" x {distributed.world_size} ranks" if distributed.enabled else ""
+        print(f"backend: {backend} | envs: {'-' if args.evaluate else args.num_envs}{ranks} train, {args.num_eval_envs} eval | "
+              f"control mode: {args.control_mode}{f' (default for --expert-type {args.expert_type})' if chosen_control_mode else ''} | "
+              f"expert: {args.expert_type} | device: {device}")
+        print(f"logs: {run_dir} (tensorboard --logdir {os.path.dirname(run_dir)})")
+        if args.save_model and not args.evaluate:
+            print(f"checkpoints: {run_dir}/latest.pt (the newest), ckpt_<iteration>.pt (the last {args.keep_checkpoints}) "
+                  f"and final_ckpt.pt")
+        if video_dir:
+            print(f"videos: {video_dir}")
 
     def save(name: str, iterations_done: int) -> str:
         meta = dict(script=SCRIPT, network=NETWORK, env_id=args.env_id, obs_mode="state",
@@ -338,7 +351,7 @@ def main():
                     expert_type=args.expert_type, residual_scale=eval_envs.residual_scale,
                     args=asdict(args), versions=util.versions())
         # everything a resumed run needs to go on as this one would (schedules are functions of the step counts)
-        resume = dict(iteration=iterations_done, global_step=iterations_done * batch_size,
+        resume = dict(iteration=iterations_done, global_step=iterations_done * steps_per_iteration,
                       optimizer=optimizer.state_dict(), rng=util.rng_state(),
                       env_rng=dict(train=envs.get_episode_rng(), eval=eval_envs.get_episode_rng()))
         return util.save_run_checkpoint(run_dir, name, dict(model=agent.state_dict(), meta=meta, resume=resume),
@@ -387,26 +400,33 @@ def main():
 
     iterations_done, global_step, last_eval = 0, 0, {}
     seconds = dict(rollout=0.0, env_step=0.0, update=0.0)  # training time, evaluation excluded
-    if resume is None:
-        next_obs, _ = envs.reset(seed=args.seed)
-    else:  # ---- resume: counters, the envs' episodes and seed streams, then the random streams ----
+    next_obs = obs
+    if resume is not None:  # ---- resume: counters, the envs' episodes and seed streams, then the random streams ----
         iterations_done, global_step = resume["iteration"], resume["global_step"]
-        next_obs, _ = envs.reset_to_episode_rng(resume["env_rng"]["train"])
-        eval_envs.reset_to_episode_rng(resume["env_rng"]["eval"])
-        util.set_rng_state(resume["rng"])  # after the resets, which may draw expert noise
-        print(f"resumed from {args.checkpoint} after iteration {iterations_done} ({global_step} steps)")
+        if distributed.is_main:  # the checkpoint holds rank 0's streams; other ranks go on from their seeds
+            next_obs, _ = envs.reset_to_episode_rng(resume["env_rng"]["train"])
+            eval_envs.reset_to_episode_rng(resume["env_rng"]["eval"])
+            util.set_rng_state(resume["rng"])  # after the resets, which may draw expert noise
+            print(f"resumed from {args.checkpoint} after iteration {iterations_done} ({global_step} steps)")
     steps_at_start = global_step
     next_obs = next_obs.to(device)
     next_done = torch.zeros(args.num_envs, device=device)
-    progress = tqdm(total=num_iterations * batch_size, initial=global_step, unit="step", dynamic_ncols=True)
-    stop = util.GracefulStop()  # SIGINT, SIGTERM: stop at the next safe point, checkpoint, exit
+    progress = tqdm(total=num_iterations * steps_per_iteration, initial=global_step, unit="step", dynamic_ncols=True,
+                    disable=not distributed.is_main)
+    parameter_hashes = []  # under torchrun: per iteration, the hash of every rank's weights
+    # SIGINT, SIGTERM: stop at the next safe point, checkpoint, exit. Under torchrun the ranks may see a signal
+    # at different moments, so they stop only where they agree: before an iteration.
+    stop = util.GracefulStop()
+    stop_within_iteration = not distributed.enabled
 
     for iteration in range(iterations_done + 1, num_iterations + 1):
+        if distributed.enabled and distributed.any(stop.requested):
+            break
         if rollout_threads:
             torch.set_num_threads(rollout_threads)
         schedule.apply(global_step, train=envs, evaluation=eval_envs)  # residual scale and probability
         # ---- eval ----
-        if (iteration - 1) % args.eval_freq == 0 and not stop.requested:
+        if distributed.is_main and (iteration - 1) % args.eval_freq == 0 and not stop.requested:
             last_eval = evaluate(global_step)
             for k, v in last_eval.items():
                 writer.add_scalar(f"eval/{k}", v, global_step)
@@ -420,11 +440,11 @@ def main():
         final_values.zero_()
         action_stats = defaultdict(float)  # summed as tensors; read once per iteration
         for step in range(args.num_steps):
-            if stop.requested:  # a signal: drop this rollout; the last finished iteration is saved below
+            if stop.requested and stop_within_iteration:  # drop this rollout; the last finished iteration is saved
                 break
             if backend == "cpu":  # ManiSkill's CPU simulation raises on a nan action: check what the policy sees
                 util.check_finite(iteration, run_dir, observations=next_obs)
-            global_step += args.num_envs
+            global_step += args.num_envs * distributed.world_size
             obs_buf[step] = next_obs
             dones[step] = next_done
             with torch.no_grad():
@@ -445,7 +465,8 @@ def main():
             if "final_info" in infos:
                 done_mask = infos["_final_info"]
                 for k, v in infos["final_info"]["episode"].items():
-                    writer.add_scalar(f"train/{k}", v[done_mask].float().mean().item(), global_step)
+                    if distributed.is_main:
+                        writer.add_scalar(f"train/{k}", v[done_mask].float().mean().item(), global_step)
                 # Bootstrap every finished episode from its last observation. Truncations need it; so do
                 # ManiSkill's terminations, which mark success: without it, ending an episode by succeeding
                 # would forfeit the dense reward still to come, and PPO would learn to avoid success.
@@ -454,7 +475,7 @@ def main():
                     final_obs = infos["final_observation"].to(device)
                     final_values[step, bootstrap] = agent.get_value(final_obs[bootstrap]).flatten()
 
-        if stop.requested:
+        if stop.requested and stop_within_iteration:
             break
         util.check_finite(iteration, run_dir, observations=obs_buf, rewards=rewards)
         seconds["rollout"] += time.time() - iteration_start
@@ -490,7 +511,7 @@ def main():
                 ratio = logratio.exp()
                 with torch.no_grad():
                     old_approx_kl = (-logratio).mean()
-                    approx_kl = ((ratio - 1) - logratio).mean()
+                    approx_kl = distributed.mean(((ratio - 1) - logratio).mean())  # ranks stop together
                     clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
                 if args.target_kl is not None and approx_kl > args.target_kl:
                     break
@@ -518,15 +539,24 @@ def main():
 
                 optimizer.zero_grad()
                 loss.backward()
+                distributed.average_gradients(agent)
                 grad_norm_sum += nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 loss_sum += loss.detach()
                 optimizer.step()
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
         util.check_finite(iteration, run_dir, loss=loss_sum, gradients=grad_norm_sum)
+        seconds["update"] += time.time() - update_start
+        if distributed.enabled:  # the ranks must hold the same weights after every update
+            parameter_hashes.append(distributed.parameter_hashes(agent))
+            if len(set(parameter_hashes[-1])) != 1:
+                raise util.FatalError(f"the ranks' weights differ after iteration {iteration}: {parameter_hashes[-1]}")
+        iterations_done = iteration
+        progress.update(steps_per_iteration)
+        if not distributed.is_main:
+            continue
 
         # ---- log ----
-        seconds["update"] += time.time() - update_start
         sps = int((global_step - steps_at_start) / (seconds["rollout"] + seconds["update"]))
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
@@ -547,39 +577,44 @@ def main():
         writer.add_scalar("charts/worker_restarts", envs.env.worker_restarts, global_step)
         for k, v in seconds.items():
             writer.add_scalar(f"time/{k}_seconds", v, global_step)
-        progress.update(batch_size)
         progress.set_postfix(SPS=sps, eval_success=f"{last_eval.get('success_once', float('nan')):.2f}")
 
         # ---- checkpoint: the model the next eval scores, and what resuming needs ----
-        iterations_done = iteration
         if args.save_model and iteration % args.eval_freq == 0:
             save(f"ckpt_{iteration}.pt", iteration)
 
     progress.close()
-    if stop.requested:  # ---- signal: checkpoint the last finished iteration, close envs and workers, exit ----
-        latest = save(f"ckpt_{iterations_done}.pt", iterations_done) if args.save_model else None
-        writer.close()
+    if distributed.any(stop.requested):  # ---- signal: checkpoint the last finished iteration, close, exit ----
+        latest = save(f"ckpt_{iterations_done}.pt", iterations_done) if args.save_model and distributed.is_main else None
+        if distributed.is_main:
+            writer.close()
+            eval_envs.close()
         envs.close()
-        eval_envs.close()
-        stop.exit(f"resume with: python {SCRIPT} --resume --checkpoint {latest}" if latest else "nothing saved")
+        distributed.close()
+        stop.exit(f"resume with: python {SCRIPT} --resume --checkpoint {latest}" if latest
+                  else "nothing saved" if distributed.is_main else "rank 0 saves the checkpoint")
     if rollout_threads:
         torch.set_num_threads(rollout_threads)
     # ---- final eval and checkpoint ----
-    schedule.apply(global_step, train=envs, evaluation=eval_envs)
-    last_eval = evaluate(global_step)
-    for k, v in last_eval.items():
-        writer.add_scalar(f"eval/{k}", v, global_step)
-    print(eval_line(last_eval, global_step))
-    if args.save_model:
-        save("final_ckpt.pt", iterations_done)
-        print(f"saved {run_dir}/final_ckpt.pt")
-    train_sps = (global_step - steps_at_start) / (seconds["rollout"] + seconds["update"])
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(dict(global_step=global_step, train_sps=train_sps,
-                       seconds=seconds, eval=last_eval), f, indent=2)
-    writer.close()
+    if distributed.is_main:
+        schedule.apply(global_step, train=envs, evaluation=eval_envs)
+        last_eval = evaluate(global_step)
+        for k, v in last_eval.items():
+            writer.add_scalar(f"eval/{k}", v, global_step)
+        print(eval_line(last_eval, global_step))
+        if args.save_model:
+            save("final_ckpt.pt", iterations_done)
+            print(f"saved {run_dir}/final_ckpt.pt")
+        train_sps = (global_step - steps_at_start) / (seconds["rollout"] + seconds["update"])
+        summary = dict(global_step=global_step, train_sps=train_sps, seconds=seconds, eval=last_eval)
+        if distributed.enabled:
+            summary.update(world_size=distributed.world_size, parameter_hashes=parameter_hashes)
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        writer.close()
+        eval_envs.close()
     envs.close()
-    eval_envs.close()
+    distributed.close()
 
 
 if __name__ == "__main__":

@@ -95,8 +95,10 @@ class GracefulStop:
         return self.signum is not None
 
     def exit(self, message: str) -> NoReturn:
-        print(f"stopped by {signal.Signals(self.signum).name}: {message}", flush=True)
-        sys.exit(STOP_SIGNALS[self.signum])
+        # under torchrun a rank may stop because another rank was signalled: that is a clean exit
+        cause = signal.Signals(self.signum).name if self.requested else "a signal to another rank"
+        print(f"stopped by {cause}: {message}", flush=True)
+        sys.exit(STOP_SIGNALS[self.signum] if self.requested else 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -795,10 +797,15 @@ class ResidualSchedule:
     def residual_prob_at(self, step: int) -> float:
         return min(step / self.warmup_steps, 1.0) if self.warmup_steps > 0 else 1.0
 
-    def apply(self, step: int, train: "ExpertResidualWrapper", evaluation: "ExpertResidualWrapper") -> None:
-        """Set both wrappers for ``step``: the same scale, the residual probability on the training envs only."""
-        train.residual_scale = evaluation.residual_scale = self.scale_at(step)
-        train.residual_prob = self.residual_prob_at(step)
+    def apply(self, step: int, train: Optional["ExpertResidualWrapper"],
+              evaluation: Optional["ExpertResidualWrapper"]) -> None:
+        """Set the wrappers for ``step``: the same scale, the residual probability on the training envs only.
+        Either may be None (no training envs with --evaluate; no eval envs on ranks other than 0)."""
+        if evaluation is not None:
+            evaluation.residual_scale = self.scale_at(step)
+        if train is not None:
+            train.residual_scale = self.scale_at(step)
+            train.residual_prob = self.residual_prob_at(step)
 
 
 class ExpertResidualWrapper:
@@ -960,6 +967,12 @@ class Distributed:
         gathered = [torch.zeros_like(digest) for _ in range(self.world_size)]
         torch.distributed.all_gather(gathered, digest.to(_collective_device()))
         return [int(h) for h in gathered]
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank."""
+        if not self.enabled:
+            return flag
+        return bool(self.mean(torch.tensor(float(flag), device=_collective_device())) > 0)
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """The mean of a scalar over the ranks, so that decisions taken on it agree on every rank."""

@@ -16,7 +16,7 @@ def torchrun(script, args, cwd):
                            os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("script", ["ppo_fast.py"])
+@pytest.mark.parametrize("script", ["ppo.py", "ppo_fast.py"])
 def test_two_ranks_keep_identical_weights_and_rank_0_alone_writes(script, tmp_path):
     # 2 ranks x 2 envs x 8 steps = 32 steps per iteration: 3 iterations, one eval and checkpoint at each
     proc = torchrun(script, [*TINY, "--total-timesteps", "96", "--no-capture-video", "--output-dir",
@@ -33,7 +33,7 @@ def test_two_ranks_keep_identical_weights_and_rank_0_alone_writes(script, tmp_pa
     assert len(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))) == 1
     assert proc.stdout.count("saved ") == 1 and proc.stdout.count("eval @ 96 steps") == 1
     assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "*.pt"))) == \
-        ["ckpt_1.pt", "ckpt_2.pt", "ckpt_3.pt", "final_ckpt.pt"]
+        ["ckpt_1.pt", "ckpt_2.pt", "ckpt_3.pt", "final_ckpt.pt", "latest.pt"]
 
 
 def test_evaluate_under_torchrun_is_refused(tmp_path):
