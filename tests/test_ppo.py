@@ -123,7 +123,7 @@ def test_checkpoint_and_output_misuse_is_refused(trained, tmp_path):
     cases = [
         ([*model, str(text)], "cannot be loaded"),
         ([*model, str(foreign)], "is not a checkpoint"),
-        ([*model, str(other_obs_dim)], "trained on 43-dim states but PickCube-v1 gives 42"),
+        ([*model, str(other_obs_dim)], "trained on observations {'obs_dim': 51} but PickCube-v1 gives {'obs_dim': 50}"),
         (["--resume", "--checkpoint", str(model_only)], "holds no resume state"),
         (["--resume", "--checkpoint", good, "--env-id", "PushCube-v1"], "env_id=PickCube-v1"),
         (["--resume", "--checkpoint", good, "--num-envs", "4"], "keeps the run's batch layout"),
