@@ -34,8 +34,9 @@ def test_policy_sees_exactly_maniskills_rgb_observation():
 
 @pytest.fixture(scope="module")
 def trained_rgb(tmp_path_factory):
-    """Two iterations, the first one critic-only."""
-    return tiny_run("ppo_rgb.py", tmp_path_factory.mktemp("rgb_runs"), "--critic-warmup-iters", "1")[0]
+    """Three iterations, the first two critic-only."""
+    return tiny_run("ppo_rgb.py", tmp_path_factory.mktemp("rgb_runs"), "--critic-warmup-iters", "2",
+                    "--total-timesteps", "48")[0]
 
 
 def test_rgb_training_keeps_images_as_uint8_and_writes_outputs(trained_rgb):
@@ -48,11 +49,13 @@ def test_rgb_training_keeps_images_as_uint8_and_writes_outputs(trained_rgb):
 
 
 def test_rgb_critic_warmup_freezes_encoders_and_actor(trained_rgb):
-    # ckpt_1 is the initial model, ckpt_2 follows the critic-only iteration; the encoders feed the actor
+    # ckpt_<i> follows iteration i: iteration 2 trains the critic alone, iteration 3 everything; the encoders
+    # feed the actor
     start, warmed, final = (torch.load(os.path.join(trained_rgb, name), weights_only=True)["model"]
                             for name in ("ckpt_1.pt", "ckpt_2.pt", "final_ckpt.pt"))
     frozen = [k for k in start if not k.startswith("critic.")]
     assert any(k.startswith("cnn.") for k in frozen) and "actor_logstd" in frozen
+    assert torch.equal(start["actor_logstd"], torch.full_like(start["actor_logstd"], -0.5)), "untouched since init"
     assert all(torch.equal(start[k], warmed[k]) for k in frozen)
     assert not torch.equal(start["critic.0.weight"], warmed["critic.0.weight"])
     assert not all(torch.equal(start[k], final[k]) for k in frozen), "everything trains after the warm-up"
@@ -67,6 +70,6 @@ def test_rgb_evaluate_round_trip_and_state_script_refuses_it(trained_rgb, tmp_pa
     assert glob.glob(str(tmp_path / "eval" / "*" / "videos" / "*.mp4"))
     for flags, message in [(["--evaluate", "--checkpoint", ckpt], "network=cnn-rgb-state (written by ppo_rgb.py)"),
                            (["--resume", "--checkpoint", ckpt], "network=cnn-rgb-state (written by ppo_rgb.py)"),
-                           (["--expert-type", "model", "--model-path", ckpt], "holds network cnn-rgb-state")]:
+                           (["--expert-type", "model", "--model-path", ckpt], "acts from camera images")]:
         proc = run_script("ppo.py", [*flags, "--output-dir", str(tmp_path / "x")], cwd=tmp_path)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
