@@ -33,7 +33,7 @@ def test_two_ranks_keep_identical_weights_and_rank_0_alone_writes(script, tmp_pa
     assert len(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))) == 1
     assert proc.stdout.count("saved ") == 1 and proc.stdout.count("eval @ 96 steps") == 1
     assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "*.pt"))) == \
-        ["ckpt_1.pt", "ckpt_2.pt", "ckpt_3.pt", "final_ckpt.pt"]
+        ["ckpt_1.pt", "ckpt_2.pt", "ckpt_3.pt", "final_ckpt.pt", "latest.pt"]
 
 
 def test_evaluate_under_torchrun_is_refused(tmp_path):

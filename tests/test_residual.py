@@ -28,17 +28,20 @@ def test_scale_schedule_gives_the_scale_at_chosen_steps():
 
 def test_critic_warmup_freezes_the_actor(tmp_path):
     """4 iterations, the first 2 critic-only, over two experts with a learned mix (an action of 4 + 2)."""
-    args = [*TINY, "--total-timesteps", "64", "--critic-warmup-iters", "2", "--expert-type", "ik,zero",
+    args = [*TINY, "--total-timesteps", "64", "--critic-warmup-iters", "2", "--keep-checkpoints", "4", "--expert-type", "ik,zero",
             "--fusion", "learned", "--residual-warmup-steps", "32", "--no-capture-video", "--output-dir", str(tmp_path)]
     proc = run_script("ppo.py", args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "PickCube-v1__ppo__1__*"))
-    # ckpt_<i> is written before iteration i trains: ckpt_1 is the initial model, ckpt_3 follows the warm-up
+    # ckpt_<i> is written after iteration i: ckpt_1 and ckpt_2 follow the two warm-up iterations
     start, warmed, final = (torch.load(os.path.join(run_dir, name), weights_only=True)
-                            for name in ("ckpt_1.pt", "ckpt_3.pt", "final_ckpt.pt"))
+                            for name in ("ckpt_1.pt", "ckpt_2.pt", "final_ckpt.pt"))
     assert start["meta"]["action_dim"] == 6
     actor = [k for k in start["model"] if not k.startswith("critic.")]
     assert "actor_logstd" in actor
     assert all(torch.equal(start["model"][k], warmed["model"][k]) for k in actor)
+    # and where they were initialised: the initial log-std, the residual head's zero bias
+    assert torch.equal(warmed["model"]["actor_logstd"], torch.full((1, 6), -0.5))
+    assert torch.equal(warmed["model"]["actor_mean.6.bias"], torch.zeros(6))
     assert not torch.equal(start["model"]["critic.0.weight"], warmed["model"]["critic.0.weight"])
     assert not all(torch.equal(start["model"][k], final["model"][k]) for k in actor), "the actor trains after"
