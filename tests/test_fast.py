@@ -227,3 +227,12 @@ def test_ppo_fast_sigint_checkpoints_closes_workers_and_exits_0(tmp_path):
     resume = load(latest)["resume"]
     assert resume["global_step"] == 8 * resume["iteration"] > 0
     assert_gone(workers)
+
+
+@pytest.mark.parametrize("script", ["ppo_rgb.py", "ppo_rgb_fast.py"])
+def test_image_scripts_refuse_torchrun(script, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--output-dir", str(tmp_path / "o")],
+                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "2"})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == \
+        f"error: {script} trains in one process; data-parallel training (torchrun) is in ppo_fast.py"
+    assert not (tmp_path / "o").exists()
