@@ -345,15 +345,21 @@ def main():
         if video_dir:
             print(f"videos: {video_dir}")
 
-    def save(name: str, iterations_done: int) -> str:
+    def save(name: str, iterations_done: int) -> Optional[str]:
+        """Called by every rank at the same iteration: rank 0 writes, with every rank's envs and random streams."""
+        own = dict(rng=util.rng_state(), env_rng=dict(train=envs.get_episode_rng()))
+        ranks = distributed.gather(own)
+        if not distributed.is_main:
+            return None
         meta = dict(script=SCRIPT, network=NETWORK, env_id=args.env_id, obs_mode="state",
                     control_mode=eval_envs.control_mode, obs_dim=obs_dim, action_dim=action_dim,
                     expert_type=args.expert_type, residual_scale=eval_envs.residual_scale,
                     args=asdict(args), versions=util.versions())
         # everything a resumed run needs to go on as this one would (schedules are functions of the step counts)
         resume = dict(iteration=iterations_done, global_step=iterations_done * steps_per_iteration,
-                      optimizer=optimizer.state_dict(), rng=util.rng_state(),
-                      env_rng=dict(train=envs.get_episode_rng(), eval=eval_envs.get_episode_rng()))
+                      optimizer=optimizer.state_dict(), rng=own["rng"],
+                      env_rng=dict(train=own["env_rng"]["train"], eval=eval_envs.get_episode_rng()),
+                      other_ranks=ranks[1:])
         return util.save_run_checkpoint(run_dir, name, dict(model=agent.state_dict(), meta=meta, resume=resume),
                                         args.keep_checkpoints)
 
@@ -401,12 +407,14 @@ def main():
     iterations_done, global_step, last_eval = 0, 0, {}
     seconds = dict(rollout=0.0, env_step=0.0, update=0.0)  # training time, evaluation excluded
     next_obs = obs
-    if resume is not None:  # ---- resume: counters, the envs' episodes and seed streams, then the random streams ----
+    if resume is not None:  # ---- resume: counters, this rank's envs and seed streams, then its random streams ----
+        own = resume if distributed.is_main else resume["other_ranks"][distributed.rank - 1]
         iterations_done, global_step = resume["iteration"], resume["global_step"]
-        if distributed.is_main:  # the checkpoint holds rank 0's streams; other ranks go on from their seeds
-            next_obs, _ = envs.reset_to_episode_rng(resume["env_rng"]["train"])
+        next_obs, _ = envs.reset_to_episode_rng(own["env_rng"]["train"])
+        if eval_envs is not None:
             eval_envs.reset_to_episode_rng(resume["env_rng"]["eval"])
-            util.set_rng_state(resume["rng"])  # after the resets, which may draw expert noise
+        util.set_rng_state(own["rng"])  # after the resets, which may draw expert noise
+        if distributed.is_main:
             print(f"resumed from {args.checkpoint} after iteration {iterations_done} ({global_step} steps)")
     steps_at_start = global_step
     next_obs = next_obs.to(device)
@@ -414,13 +422,13 @@ def main():
     progress = tqdm(total=num_iterations * steps_per_iteration, initial=global_step, unit="step", dynamic_ncols=True,
                     disable=not distributed.is_main)
     parameter_hashes = []  # under torchrun: per iteration, the hash of every rank's weights
-    # SIGINT, SIGTERM: stop at the next safe point, checkpoint, exit. Under torchrun the ranks may see a signal
-    # at different moments, so they stop only where they agree: before an iteration.
-    stop = util.GracefulStop()
-    stop_within_iteration = not distributed.enabled
+    # SIGINT, SIGTERM: stop at the next safe point, checkpoint, exit. Under torchrun a second signal (Ctrl-C
+    # arrives from the terminal and again from torchrun) does not interrupt: torchrun kills the ranks 30 s later.
+    stop = util.GracefulStop(escalate=not distributed.enabled)
 
     for iteration in range(iterations_done + 1, num_iterations + 1):
-        if distributed.enabled and distributed.any(stop.requested):
+        # a signal reaches the ranks at different moments: they decide together, once per iteration, to stop
+        if distributed.any(stop.requested):
             break
         if rollout_threads:
             torch.set_num_threads(rollout_threads)
@@ -440,7 +448,7 @@ def main():
         final_values.zero_()
         action_stats = defaultdict(float)  # summed as tensors; read once per iteration
         for step in range(args.num_steps):
-            if stop.requested and stop_within_iteration:  # drop this rollout; the last finished iteration is saved
+            if stop.requested and not distributed.enabled:  # drop this rollout; the last finished iteration is saved
                 break
             if backend == "cpu":  # ManiSkill's CPU simulation raises on a nan action: check what the policy sees
                 util.check_finite(iteration, run_dir, observations=next_obs)
@@ -475,7 +483,7 @@ def main():
                     final_obs = infos["final_observation"].to(device)
                     final_values[step, bootstrap] = agent.get_value(final_obs[bootstrap]).flatten()
 
-        if stop.requested and stop_within_iteration:
+        if stop.requested and not distributed.enabled:
             break
         util.check_finite(iteration, run_dir, observations=obs_buf, rewards=rewards)
         seconds["rollout"] += time.time() - iteration_start
@@ -551,7 +559,12 @@ def main():
             parameter_hashes.append(distributed.parameter_hashes(agent))
             if len(set(parameter_hashes[-1])) != 1:
                 raise util.FatalError(f"the ranks' weights differ after iteration {iteration}: {parameter_hashes[-1]}")
+
+        # ---- checkpoint: the model the next eval scores, and what resuming needs (every rank takes part) ----
         iterations_done = iteration
+        if args.save_model and iteration % args.eval_freq == 0:
+            save(f"ckpt_{iteration}.pt", iteration)
+
         progress.update(steps_per_iteration)
         if not distributed.is_main:
             continue
@@ -579,31 +592,30 @@ def main():
             writer.add_scalar(f"time/{k}_seconds", v, global_step)
         progress.set_postfix(SPS=sps, eval_success=f"{last_eval.get('success_once', float('nan')):.2f}")
 
-        # ---- checkpoint: the model the next eval scores, and what resuming needs ----
-        if args.save_model and iteration % args.eval_freq == 0:
-            save(f"ckpt_{iteration}.pt", iteration)
-
     progress.close()
     if distributed.any(stop.requested):  # ---- signal: checkpoint the last finished iteration, close, exit ----
-        latest = save(f"ckpt_{iterations_done}.pt", iterations_done) if args.save_model and distributed.is_main else None
+        latest = save(f"ckpt_{iterations_done}.pt", iterations_done) if args.save_model else None
         if distributed.is_main:
             writer.close()
             eval_envs.close()
         envs.close()
         distributed.close()
-        stop.exit(f"resume with: python {SCRIPT} --resume --checkpoint {latest}" if latest
-                  else "nothing saved" if distributed.is_main else "rank 0 saves the checkpoint")
+        if not distributed.is_main:
+            stop.exit()  # rank 0 reports
+        stop.exit(f"resume with: python {SCRIPT} --resume --checkpoint {latest}" if latest else "nothing saved")
     if rollout_threads:
         torch.set_num_threads(rollout_threads)
     # ---- final eval and checkpoint ----
+    schedule.apply(global_step, train=envs, evaluation=eval_envs)
     if distributed.is_main:
-        schedule.apply(global_step, train=envs, evaluation=eval_envs)
         last_eval = evaluate(global_step)
         for k, v in last_eval.items():
             writer.add_scalar(f"eval/{k}", v, global_step)
         print(eval_line(last_eval, global_step))
+    if args.save_model:
+        save("final_ckpt.pt", iterations_done)
+    if distributed.is_main:
         if args.save_model:
-            save("final_ckpt.pt", iterations_done)
             print(f"saved {run_dir}/final_ckpt.pt")
         train_sps = (global_step - steps_at_start) / (seconds["rollout"] + seconds["update"])
         summary = dict(global_step=global_step, train_sps=train_sps, seconds=seconds, eval=last_eval)

@@ -60,7 +60,11 @@ class Args:
     evaluate: bool = False
     """if toggled, only evaluate the policy in --checkpoint"""
     checkpoint: Optional[str] = None
-    """path to a checkpoint (.pt) to evaluate"""
+    """path to a checkpoint (.pt) to evaluate (--evaluate) or to resume from (--resume)"""
+    resume: bool = False
+    """if toggled, continue the run of --checkpoint in its own directory, from the iteration it saved"""
+    keep_checkpoints: int = 3
+    """numbered checkpoints kept besides latest.pt and final_ckpt.pt (older ones are deleted)"""
     output_dir: str = "runs"
     """directory that receives one folder per run (logs, checkpoints, videos)"""
 
@@ -72,7 +76,7 @@ class Args:
     sim_backend: str = "auto"
     """auto | gpu | cpu: gpu is ManiSkill's physx_cuda simulation, cpu our multi-process backend"""
     expert_type: str = "zero"
-    """the expert the residual corrects: zero | ik | model | custom"""
+    """the expert the residual corrects: zero | ik | model | custom, or a comma list (ik,zero) to fuse several"""
     ik_gain: float = 1.0
     """IK expert gain: 1.0 asks for the whole position error in one control step"""
     model_path: Optional[str] = None
@@ -85,6 +89,22 @@ class Args:
     """std of Gaussian noise added to the expert action while training (never in eval)"""
     clip_final_action: bool = True
     """if toggled, clip the executed action to the action bounds"""
+    restart_dead_workers: bool = False
+    """if toggled, the CPU backend replaces an env worker process that died and goes on (its episodes are cut)"""
+
+    # Residual techniques (README_Expert_Residual.md, "Residual techniques")
+    init_logstd: float = -0.5
+    """initial log-std of the policy's actions (-1 for residual runs: start close to the expert)"""
+    residual_warmup_steps: int = 0
+    """progressive exploration: each training env applies the residual with probability min(step / this, 1); 0: always"""
+    critic_warmup_iters: int = 0
+    """the first this many iterations train only the value function; the actor stays frozen"""
+    residual_scale_schedule: str = "constant"
+    """constant | linear: linear moves the residual scale from --residual-scale to --residual-scale-final"""
+    residual_scale_final: Optional[float] = None
+    """the residual scale at the end of training (with --residual-scale-schedule linear)"""
+    fusion: str = "mean"
+    """how several experts form the base action: mean | learned (softmax weights the policy outputs)"""
 
     # Algorithm
     total_timesteps: int = 10_000_000
@@ -138,7 +158,7 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 
 class Agent(nn.Module):
-    def __init__(self, obs_dim: int, action_dim: int):
+    def __init__(self, obs_dim: int, action_dim: int, init_logstd: float = -0.5):
         super().__init__()
         self.critic = nn.Sequential(
             layer_init(nn.Linear(obs_dim, 256)), nn.Tanh(),
@@ -153,7 +173,7 @@ class Agent(nn.Module):
             # a near-zero residual head: training starts at the expert's behaviour
             layer_init(nn.Linear(256, action_dim), std=0.01 * np.sqrt(2)),
         )
-        self.actor_logstd = nn.Parameter(torch.ones(1, action_dim) * -0.5)
+        self.actor_logstd = nn.Parameter(torch.ones(1, action_dim) * init_logstd)
 
     def get_value(self, x):
         return self.critic(x)
@@ -194,12 +214,13 @@ def gae(next_value, next_done, container, gamma: float, gae_lambda: float):
     return container
 
 
-def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args,
+def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args, actor_loss_weight: torch.Tensor,
                 distributed: util.Distributed = util.Distributed()) -> TensorDictModule:
     """One PPO gradient step on a minibatch, as a TensorDictModule so it compiles and graphs as a whole.
+    ``actor_loss_weight`` (0-dim, 1 or 0) weighs the policy and entropy terms: 0 during critic warm-up.
     Under torchrun the gradients are averaged over the ranks before clipping."""
 
-    def update(obs, actions, logprobs, advantages, returns, vals):
+    def update(obs, actions, logprobs, advantages, returns, vals, residual_applied):
         optimizer.zero_grad()
         _, newlogprob, entropy, newvalue = agent.get_action_and_value(obs, actions)
         logratio = newlogprob - logprobs
@@ -213,7 +234,9 @@ def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args,
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         pg_loss1 = -advantages * ratio
         pg_loss2 = -advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-        pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+        # Progressive exploration: where the coin said "expert alone", the sampled action had no effect, so
+        # its surrogate term has zero expectation; it is replaced by that zero, which removes only noise.
+        pg_loss = (torch.max(pg_loss1, pg_loss2) * residual_applied).mean()
 
         newvalue = newvalue.view(-1)
         if args.clip_vloss:
@@ -223,7 +246,9 @@ def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args,
         else:
             v_loss = 0.5 * ((newvalue - returns) ** 2).mean()
         entropy_loss = entropy.mean()
-        loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+        # Critic warm-up without a branch a compiled or graphed update would have to retrace: a weight of 0
+        # gives the actor's parameters zero gradients, and with Adam's moments still zero they do not move
+        loss = actor_loss_weight * (pg_loss - args.ent_coef * entropy_loss) + v_loss * args.vf_coef
 
         loss.backward()
         distributed.average_gradients(agent)
@@ -233,7 +258,7 @@ def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args,
 
     return TensorDictModule(
         update,
-        in_keys=["obs", "actions", "logprobs", "advantages", "returns", "vals"],
+        in_keys=["obs", "actions", "logprobs", "advantages", "returns", "vals", "residual_applied"],
         out_keys=["approx_kl", "v_loss", "pg_loss", "entropy_loss", "old_approx_kl", "clipfrac", "grad_norm"],
     )
 
@@ -241,13 +266,20 @@ def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args,
 def check_args(args: Args) -> None:
     """Reject bad input before any env is built or anything is written."""
     util.check_env_id(args.env_id)
-    experts.check_expert_args(args.expert_type, args.env_id, args.control_mode, args.model_path, args.expert_fn)
+    experts.check_expert_args(args.expert_type, args.env_id, args.control_mode, args.model_path, args.expert_fn,
+                              args.fusion)
     if args.evaluate and args.checkpoint is None:
         raise util.UsageError("--evaluate needs --checkpoint PATH")
+    if args.evaluate and args.resume:
+        raise util.UsageError("--evaluate and --resume exclude each other: evaluate a checkpoint, or resume its run")
+    if args.keep_checkpoints < 0:
+        raise util.UsageError(f"--keep-checkpoints must be >= 0, got {args.keep_checkpoints}")
     if args.num_envs < 1 or args.num_eval_envs < 1:
         raise util.UsageError(f"--num-envs and --num-eval-envs must be >= 1, got {args.num_envs} and {args.num_eval_envs}")
     if args.residual_scale < 0:
         raise util.UsageError(f"--residual-scale must be >= 0, got {args.residual_scale}")
+    if args.critic_warmup_iters < 0:
+        raise util.UsageError(f"--critic-warmup-iters must be >= 0, got {args.critic_warmup_iters}")
     if args.num_steps < 1 or args.num_minibatches < 1 or args.update_epochs < 1 or args.eval_freq < 1:
         raise util.UsageError("--num-steps, --num-minibatches, --update-epochs and --eval-freq must be >= 1")
     batch_size = args.num_envs * args.num_steps
@@ -257,11 +289,13 @@ def check_args(args: Args) -> None:
     if not args.evaluate and args.total_timesteps < batch_size:
         raise util.UsageError(f"--total-timesteps {args.total_timesteps} is less than one batch of {batch_size} "
                               f"(num_envs x num_steps)")
-    util.check_writable(args.output_dir)
+    util.check_writable(os.path.dirname(os.path.abspath(args.checkpoint)) if args.resume else args.output_dir)
 
 
 def main():
     args = tyro.cli(Args)
+    if args.resume:  # the run's own arguments, overridden by the flags given now
+        args = tyro.cli(Args, default=Args(**util.resume_args(args.checkpoint, Args)))
     distributed = util.init_distributed()  # under torchrun: this rank's place; otherwise a single process
     backend = util.resolve_sim_backend(args.sim_backend)
     cores = util.available_cores()
@@ -279,20 +313,33 @@ def main():
     check_args(args)
     if args.evaluate and distributed.enabled:
         raise util.UsageError("--evaluate runs in one process: start it with python, not torchrun")
+    schedule = util.ResidualSchedule(args.residual_scale, args.residual_scale_schedule, args.residual_scale_final,
+                                     args.total_timesteps, args.residual_warmup_steps)  # checks its flags too
     checkpoint = util.load_checkpoint(args.checkpoint) if args.checkpoint else None
     if checkpoint is not None:
         util.check_checkpoint(checkpoint, args.checkpoint, network=NETWORK, env_id=args.env_id,
                               expert_type=args.expert_type)
+    if args.resume:
+        util.check_resume(checkpoint, args.checkpoint, args)
+        saved_ranks = 1 + len(checkpoint["resume"].get("other_ranks", []))
+        if saved_ranks != distributed.world_size:  # each rank goes on with its own envs and random streams
+            raise util.UsageError(f"--resume keeps the run's number of ranks: checkpoint '{args.checkpoint}' was "
+                                  f"saved by {saved_ranks}, this run has {distributed.world_size}")
+    resume = checkpoint["resume"] if args.resume else None
 
     batch_size = args.num_envs * args.num_steps  # per rank
     minibatch_size = batch_size // args.num_minibatches
-    num_iterations = args.total_timesteps // (batch_size * distributed.world_size)
+    steps_per_iteration = batch_size * distributed.world_size  # global_step and SPS count every rank's steps
+    num_iterations = args.total_timesteps // steps_per_iteration
 
     seed = args.seed + distributed.rank  # each rank explores differently; rank 0's weights are broadcast
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    # nan and inf are caught once per iteration (util.check_finite below) instead of by the distributions' argument
+    # checks, which raise a traceback and cost a host sync at every call
+    torch.distributions.Distribution.set_default_validate_args(False)
     device = torch.device("cuda", distributed.local_rank) if torch.cuda.is_available() and args.cuda \
         else torch.device("cpu")
     if args.cudagraphs and device.type != "cuda":
@@ -304,26 +351,29 @@ def main():
     rollout_threads, update_threads = (1, torch.get_num_threads()) if backend == "cpu" else (None, None)
 
     # ---- environments: backend -> expert + residual wrapper (under torchrun, rank 0 alone evaluates) ----
-    env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend)
+    env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend,
+                      restart_dead_workers=args.restart_dead_workers)
     envs = eval_envs = None
     if distributed.is_main:
         eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True, **env_kwargs)
     if not args.evaluate:
         envs = util.make_env(args.env_id, args.num_envs, ignore_terminations=not args.partial_reset, **env_kwargs)
-    expert = experts.make_expert(args.expert_type, args.env_id, envs if eval_envs is None else eval_envs,
-                                 ik_gain=args.ik_gain, model_path=args.model_path, expert_fn=args.expert_fn)
+    expert = experts.make_experts(args.expert_type, args.env_id, envs if eval_envs is None else eval_envs,
+                                  ik_gain=args.ik_gain, model_path=args.model_path, expert_fn=args.expert_fn)
     if eval_envs is not None:
-        eval_envs = util.ExpertResidualWrapper(eval_envs, expert, args.residual_scale, args.clip_final_action)
+        eval_envs = util.ExpertResidualWrapper(eval_envs, expert, args.residual_scale, args.clip_final_action,
+                                               fusion=args.fusion)
         num_eval_steps = args.num_eval_steps or eval_envs.max_episode_steps
         obs, _ = eval_envs.reset(seed=args.seed + 1_000_000)
     if envs is not None:
         envs = util.ExpertResidualWrapper(envs, expert, args.residual_scale, args.clip_final_action,
-                                          expert_action_noise=args.expert_action_noise)
-        obs, _ = envs.reset(seed=seed)  # training starts from this observation
-    obs_dim, action_dim = obs.shape[1], (envs or eval_envs).action_dim
+                                          expert_action_noise=args.expert_action_noise, fusion=args.fusion)
+        obs, _ = envs.reset(seed=seed)  # training starts from this observation (a resumed run resets again below)
+    # the policy's action: the residual, plus one fusion logit per expert with --fusion learned
+    obs_dim, action_dim = obs.shape[1], (envs or eval_envs).policy_action_dim
 
     # ---- agent: trained copy, rollout copy sharing its parameters, optimizer ----
-    agent = Agent(obs_dim, action_dim).to(device)
+    agent = Agent(obs_dim, action_dim, args.init_logstd).to(device)
     if checkpoint is not None:
         util.check_checkpoint(checkpoint, args.checkpoint, obs_dim=obs_dim, action_dim=action_dim,
                               control_mode=args.control_mode)
@@ -331,18 +381,24 @@ def main():
     distributed.broadcast_parameters(agent)  # every rank starts from rank 0's weights
     # The rollout copy holds the same storage without autograd history, so the policy step stays a pure
     # inference graph while the update changes the weights it reads.
-    agent_inference = Agent(obs_dim, action_dim).to(device)
+    agent_inference = Agent(obs_dim, action_dim, args.init_logstd).to(device)
     from_module(agent).data.to_module(agent_inference)
     # A tensor learning rate can be annealed in place under a captured graph; a graphed but uncompiled
     # optimizer step must be capturable. fused: one pass over all parameters.
     optimizer = optim.Adam(agent.parameters(), lr=torch.tensor(args.learning_rate, device=device), eps=1e-5,
                            fused=True, capturable=args.cudagraphs and not args.compile)
+    if resume is not None:  # every rank loads it: the ranks' optimizers stay identical
+        util.load_optimizer_state(optimizer, resume["optimizer"])
+    # Critic warm-up: 0 for the first --critic-warmup-iters iterations, then 1; set in place with fill_, so the
+    # compiled or graphed update that closes over it never retraces
+    actor_loss_weight = torch.ones((), device=device)
+    actor_params = [p for name, p in agent.named_parameters() if not name.startswith("critic.")]
 
     # ---- executables: eager, compiled, graphed ----
     policy = agent_inference.get_action_and_value
     get_value = agent_inference.get_value
     advantage_fn = functools.partial(gae, gamma=args.gamma, gae_lambda=args.gae_lambda)
-    update = make_update(agent, optimizer, args, distributed)
+    update = make_update(agent, optimizer, args, actor_loss_weight, distributed)
     if args.compile:
         policy = torch.compile(policy)
         get_value = torch.compile(get_value)
@@ -350,8 +406,11 @@ def main():
         update = torch.compile(update)
 
     # ---- output: logs, checkpoints, videos (under torchrun, rank 0 alone writes) ----
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
+    if resume is not None:  # a resumed run goes on in its own directory
+        run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+    else:
+        run_dir = os.path.join(args.output_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_name = os.path.basename(run_dir)
     video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
     if distributed.is_main:
         os.makedirs(run_dir, exist_ok=True)
@@ -360,25 +419,39 @@ def main():
 
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                        config=vars(args), name=run_name, save_code=True)
-        writer = SummaryWriter(run_dir)
+        # on resume, hide what a crashed run logged after its checkpoint
+        writer = SummaryWriter(run_dir, purge_step=resume["global_step"] if resume is not None else None)
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
         ranks = f" x {distributed.world_size} ranks" if distributed.enabled else ""
         print(f"backend: {backend} | envs: {'-' if args.evaluate else args.num_envs}{ranks} train, {args.num_eval_envs} eval | "
               f"control mode: {args.control_mode}{f' (default for --expert-type {args.expert_type})' if chosen_control_mode else ''} | "
               f"expert: {args.expert_type} | device: {device} | compile: {args.compile} | cudagraphs: {args.cudagraphs}")
-        print(f"logs: {run_dir} (tensorboard --logdir {args.output_dir})")
+        print(f"logs: {run_dir} (tensorboard --logdir {os.path.dirname(run_dir)})")
         if args.save_model and not args.evaluate:
-            print(f"checkpoints: {run_dir}/ckpt_<iteration>.pt and {run_dir}/final_ckpt.pt")
+            print(f"checkpoints: {run_dir}/latest.pt (the newest), ckpt_<iteration>.pt (the last "
+                  f"{args.keep_checkpoints}) and final_ckpt.pt")
         if video_dir:
             print(f"videos: {video_dir}")
 
-    def save(path: str) -> None:
+    def save(name: str, iterations_done: int) -> Optional[str]:
+        """Called by every rank at the same iteration: rank 0 writes, with every rank's envs and random streams."""
+        own = dict(rng=util.rng_state(), env_rng=dict(train=envs.get_episode_rng()))
+        ranks = distributed.gather(own)
+        if not distributed.is_main:
+            return None
         # agent is never compiled itself (only functions are), so its state dict has no _orig_mod. keys
         meta = dict(script=SCRIPT, network=NETWORK, env_id=args.env_id, obs_mode="state",
                     control_mode=args.control_mode, obs_dim=obs_dim, action_dim=action_dim,
-                    expert_type=args.expert_type, residual_scale=args.residual_scale,
+                    expert_type=args.expert_type, residual_scale=eval_envs.residual_scale,
                     args=asdict(args), versions=util.versions())
-        util.save_checkpoint(path, dict(model=agent.state_dict(), meta=meta))
+        # everything a resumed run needs to go on as this one would (schedules are functions of the step counts);
+        # rank 0's streams where ppo.py keeps them, so either script resumes the other's single-process runs
+        resume = dict(iteration=iterations_done, global_step=iterations_done * steps_per_iteration,
+                      optimizer=optimizer.state_dict(), rng=own["rng"],
+                      env_rng=dict(train=own["env_rng"]["train"], eval=eval_envs.get_episode_rng()),
+                      other_ranks=ranks[1:])
+        return util.save_run_checkpoint(run_dir, name, dict(model=agent.state_dict(), meta=meta, resume=resume),
+                                        args.keep_checkpoints)
 
     def evaluate(global_step: int) -> dict:
         obs, _ = eval_envs.reset()
@@ -420,10 +493,11 @@ def main():
         final_values=torch.zeros(args.num_steps, args.num_envs),
         advantages=torch.zeros(args.num_steps, args.num_envs),
         returns=torch.zeros(args.num_steps, args.num_envs),
+        residual_applied=torch.ones(args.num_steps, args.num_envs),  # progressive exploration's coin, as a float
         batch_size=(args.num_steps, args.num_envs), device=device,
     )
 
-    global_step, last_eval = 0, {}
+    iterations_done, global_step, last_eval = 0, 0, {}
     seconds = dict(rollout=0.0, env_step=0.0, update=0.0)  # training time, evaluation and compilation excluded
     next_obs = obs.to(device)
     next_done = torch.zeros(args.num_envs, device=device)
@@ -440,15 +514,19 @@ def main():
             advantage_fn(get_value(next_obs).flatten(), next_done, container)
         if update_threads:
             torch.set_num_threads(update_threads)
-        # the warm-up update must leave no trace: restore the weights and the empty Adam moments in place
+        # the warm-up update must leave no trace: restore the weights and Adam's state (empty, or resumed) in place
         weights = [p.detach().clone() for p in agent.parameters()]
+        adam_state = {p: {k: v.clone() for k, v in state.items()} for p, state in optimizer.state.items()}
         update(container.view(-1)[:minibatch_size], tensordict_out=TensorDict())
         with torch.no_grad():
             for p, w in zip(agent.parameters(), weights):
                 p.copy_(w)
-            for state in optimizer.state.values():
-                for v in state.values():
-                    v.zero_()
+            for p, state in optimizer.state.items():
+                for k, v in state.items():
+                    if p in adam_state:
+                        v.copy_(adam_state[p][k])
+                    else:
+                        v.zero_()
         seconds["compile"] = time.time() - compile_start
         if distributed.is_main:
             print(f"compiled the policy step, value, GAE and update in {seconds['compile']:.1f} s")
@@ -456,20 +534,37 @@ def main():
         policy = CudaGraphModule(policy)
         update = CudaGraphModule(update)
 
-    steps_per_iteration = batch_size * distributed.world_size  # global_step and SPS count every rank's steps
-    progress = tqdm(total=num_iterations * steps_per_iteration, unit="step", dynamic_ncols=True,
+    if resume is not None:  # ---- resume: counters, this rank's envs and seed streams, then its random streams ----
+        own = resume if distributed.is_main else resume["other_ranks"][distributed.rank - 1]
+        iterations_done, global_step = resume["iteration"], resume["global_step"]
+        next_obs, _ = envs.reset_to_episode_rng(own["env_rng"]["train"])
+        next_obs = next_obs.to(device)
+        if eval_envs is not None:
+            eval_envs.reset_to_episode_rng(resume["env_rng"]["eval"])
+        util.set_rng_state(own["rng"])  # after the resets and the compile warm-up, which may draw random numbers
+        if distributed.is_main:
+            print(f"resumed from {args.checkpoint} after iteration {iterations_done} ({global_step} steps)")
+    steps_at_start = global_step
+
+    progress = tqdm(total=num_iterations * steps_per_iteration, initial=global_step, unit="step", dynamic_ncols=True,
                     disable=not distributed.is_main)
-    for iteration in range(1, num_iterations + 1):
+    # SIGINT, SIGTERM: stop at the next safe point, checkpoint, exit. Under torchrun a second signal (Ctrl-C
+    # arrives from the terminal and again from torchrun) does not interrupt: torchrun kills the ranks 30 s later.
+    stop = util.GracefulStop(escalate=not distributed.enabled)
+
+    for iteration in range(iterations_done + 1, num_iterations + 1):
+        # a signal reaches the ranks at different moments: they decide together, once per iteration, to stop
+        if distributed.any(stop.requested):
+            break
         if rollout_threads:
             torch.set_num_threads(rollout_threads)
-        # ---- eval (and checkpoint) ----
+        schedule.apply(global_step, train=envs, evaluation=eval_envs)  # residual scale and probability
+        # ---- eval ----
         if distributed.is_main and (iteration - 1) % args.eval_freq == 0:
             last_eval = evaluate(global_step)
             for k, v in last_eval.items():
                 writer.add_scalar(f"eval/{k}", v, global_step)
             progress.write(eval_line(last_eval, global_step))
-            if args.save_model:
-                save(os.path.join(run_dir, f"ckpt_{iteration}.pt"))
 
         iteration_start = time.time()
         if args.anneal_lr:
@@ -479,6 +574,10 @@ def main():
         container["final_values"].zero_()
         action_stats = defaultdict(float)  # summed as tensors; read once per iteration
         for step in range(args.num_steps):
+            if stop.requested and not distributed.enabled:  # drop this rollout; the last finished iteration is saved below
+                break
+            if backend == "cpu":  # ManiSkill's CPU simulation raises on a nan action: check what the policy sees
+                util.check_finite(iteration, run_dir, observations=next_obs)
             global_step += args.num_envs * distributed.world_size
             if args.cudagraphs:
                 # a new graph step before each stochastic call: otherwise the replayed sampling noise repeats
@@ -494,6 +593,7 @@ def main():
             next_obs = next_obs.to(device)
             next_done = (terminations | truncations).to(device, torch.float32)
             container["rewards"][step] = reward.to(device).view(-1) * args.reward_scale
+            container["residual_applied"][step] = infos["residual_applied"].to(device, torch.float32)
             for k, v in infos.get("action_stats", {}).items():
                 action_stats[k] += v / args.num_steps
             if "final_info" in infos:
@@ -507,6 +607,9 @@ def main():
                     final_value = get_value(infos["final_observation"].to(device)).flatten()
                 container["final_values"][step] = torch.where(done_mask, final_value, 0.0)
 
+        if stop.requested and not distributed.enabled:
+            break
+        util.check_finite(iteration, run_dir, observations=container["obs"], rewards=container["rewards"])
         seconds["rollout"] += time.time() - iteration_start
         update_start = time.time()
 
@@ -517,6 +620,13 @@ def main():
         # ---- update ----
         if update_threads:
             torch.set_num_threads(update_threads)
+        actor_loss_weight.fill_(0.0 if iteration <= args.critic_warmup_iters else 1.0)
+        if iteration == args.critic_warmup_iters + 1 > 1:
+            # the actor's first update: its Adam state starts afresh, as in ppo.py, where Adam skipped the frozen
+            # actor (its moments are still zero; this resets the step count behind the bias correction)
+            for param in actor_params:
+                for value in optimizer.state[param].values():
+                    value.zero_()
         container_flat = container.view(-1)
         update_logs = []
         for epoch in range(args.update_epochs):
@@ -530,19 +640,27 @@ def main():
             else:
                 continue
             break
+        logs = torch.stack(update_logs)
+        # nan or inf in any minibatch: checked once here, outside the graph
+        util.check_finite(iteration, run_dir, loss=torch.stack([logs["v_loss"], logs["pg_loss"]]),
+                          gradients=logs["grad_norm"])
 
         seconds["update"] += time.time() - update_start
         if distributed.enabled:  # the ranks must hold the same weights after every update
             parameter_hashes.append(distributed.parameter_hashes(agent))
             if len(set(parameter_hashes[-1])) != 1:
-                raise RuntimeError(f"the ranks' weights differ after iteration {iteration}: {parameter_hashes[-1]}")
+                raise util.FatalError(f"the ranks' weights differ after iteration {iteration}: {parameter_hashes[-1]}")
+
+        # ---- checkpoint: the model the next eval scores, and what resuming needs (every rank takes part) ----
+        iterations_done = iteration
+        if args.save_model and iteration % args.eval_freq == 0:
+            save(f"ckpt_{iteration}.pt", iteration)
 
         # ---- log ----
         progress.update(steps_per_iteration)
         if not distributed.is_main:
             continue
-        sps = int(global_step / (seconds["rollout"] + seconds["update"]))
-        logs = torch.stack(update_logs)
+        sps = int((global_step - steps_at_start) / (seconds["rollout"] + seconds["update"]))
         y_pred, y_true = container["vals"].flatten().cpu().numpy(), container["returns"].flatten().cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
@@ -559,24 +677,40 @@ def main():
         for k, v in action_stats.items():
             writer.add_scalar(f"actions/{k}_abs_mean", float(v), global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("charts/residual_scale", envs.residual_scale, global_step)
+        writer.add_scalar("charts/residual_prob", envs.residual_prob, global_step)
+        writer.add_scalar("charts/worker_restarts", envs.env.worker_restarts, global_step)
         for k, v in seconds.items():
             writer.add_scalar(f"time/{k}_seconds", v, global_step)
         progress.set_postfix(SPS=sps, eval_success=f"{last_eval.get('success_once', float('nan')):.2f}")
 
     progress.close()
+    if distributed.any(stop.requested):  # ---- signal: checkpoint the last finished iteration, close, exit ----
+        latest = save(f"ckpt_{iterations_done}.pt", iterations_done) if args.save_model else None
+        if distributed.is_main:
+            writer.close()
+            eval_envs.close()
+        envs.close()
+        distributed.close()
+        if not distributed.is_main:
+            stop.exit()  # rank 0 reports
+        stop.exit(f"resume with: python {SCRIPT} --resume --checkpoint {latest}" if latest else "nothing saved")
     if rollout_threads:
         torch.set_num_threads(rollout_threads)
-    # ---- final eval and checkpoint ----
+    # ---- final eval and checkpoint (every rank takes part in the save; rank 0 evaluates and writes) ----
+    schedule.apply(global_step, train=envs, evaluation=eval_envs)
     if distributed.is_main:
         last_eval = evaluate(global_step)
         for k, v in last_eval.items():
             writer.add_scalar(f"eval/{k}", v, global_step)
         print(eval_line(last_eval, global_step))
+    if args.save_model:
+        save("final_ckpt.pt", iterations_done)
+    if distributed.is_main:
         if args.save_model:
-            save(os.path.join(run_dir, "final_ckpt.pt"))
             print(f"saved {run_dir}/final_ckpt.pt")
-        summary = dict(global_step=global_step, train_sps=global_step / (seconds["rollout"] + seconds["update"]),
-                       seconds=seconds, eval=last_eval)
+        train_sps = (global_step - steps_at_start) / (seconds["rollout"] + seconds["update"])
+        summary = dict(global_step=global_step, train_sps=train_sps, seconds=seconds, eval=last_eval)
         if distributed.enabled:
             summary.update(world_size=distributed.world_size, parameter_hashes=parameter_hashes)
         with open(os.path.join(run_dir, "summary.json"), "w") as f:

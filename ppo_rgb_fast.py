@@ -62,7 +62,11 @@ class Args:
     evaluate: bool = False
     """if toggled, only evaluate the policy in --checkpoint"""
     checkpoint: Optional[str] = None
-    """path to a checkpoint (.pt) to evaluate"""
+    """path to a checkpoint (.pt) to evaluate (--evaluate) or to resume from (--resume)"""
+    resume: bool = False
+    """if toggled, continue the run of --checkpoint in its own directory, from the iteration it saved"""
+    keep_checkpoints: int = 3
+    """numbered checkpoints kept besides latest.pt and final_ckpt.pt (older ones are deleted)"""
     output_dir: str = "runs"
     """directory that receives one folder per run (logs, checkpoints, videos)"""
 
@@ -74,7 +78,7 @@ class Args:
     sim_backend: str = "auto"
     """auto | gpu | cpu: gpu is ManiSkill's physx_cuda simulation, cpu our multi-process backend"""
     expert_type: str = "zero"
-    """the expert the residual corrects: zero | ik | model | custom"""
+    """the expert the residual corrects: zero | ik | model | custom, or a comma list (ik,zero) to fuse several"""
     ik_gain: float = 1.0
     """IK expert gain: 1.0 asks for the whole position error in one control step"""
     model_path: Optional[str] = None
@@ -87,12 +91,28 @@ class Args:
     """std of Gaussian noise added to the expert action while training (never in eval)"""
     clip_final_action: bool = True
     """if toggled, clip the executed action to the action bounds"""
+    restart_dead_workers: bool = False
+    """if toggled, the CPU backend replaces an env worker process that died and goes on (its episodes are cut)"""
     include_state: bool = True
     """if toggled, the policy sees proprioception and non-privileged task state besides the images"""
     camera_width: int = 128
     """width of the task's cameras (pixels)"""
     camera_height: int = 128
     """height of the task's cameras (pixels)"""
+
+    # Residual techniques (README_Expert_Residual.md, "Residual techniques")
+    init_logstd: float = -0.5
+    """initial log-std of the policy's actions (-1 for residual runs: start close to the expert)"""
+    residual_warmup_steps: int = 0
+    """progressive exploration: each training env applies the residual with probability min(step / this, 1); 0: always"""
+    critic_warmup_iters: int = 0
+    """the first this many iterations train only the value function; the actor stays frozen"""
+    residual_scale_schedule: str = "constant"
+    """constant | linear: linear moves the residual scale from --residual-scale to --residual-scale-final"""
+    residual_scale_final: Optional[float] = None
+    """the residual scale at the end of training (with --residual-scale-schedule linear)"""
+    fusion: str = "mean"
+    """how several experts form the base action: mean | learned (softmax weights the policy outputs)"""
 
     # Algorithm
     total_timesteps: int = 10_000_000
@@ -148,7 +168,7 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 class Agent(nn.Module):
     """NatureCNN on the images and a linear layer on the state, concatenated, then actor and critic heads."""
 
-    def __init__(self, rgb_shape: tuple, state_dim: int, action_dim: int):
+    def __init__(self, rgb_shape: tuple, state_dim: int, action_dim: int, init_logstd: float = -0.5):
         super().__init__()
         height, width, channels = rgb_shape
         self.cnn = nn.Sequential(
@@ -167,7 +187,7 @@ class Agent(nn.Module):
             # a near-zero residual head: training starts at the expert's behaviour
             layer_init(nn.Linear(512, action_dim), std=0.01 * np.sqrt(2)),
         )
-        self.actor_logstd = nn.Parameter(torch.ones(1, action_dim) * -0.5)
+        self.actor_logstd = nn.Parameter(torch.ones(1, action_dim) * init_logstd)
 
     def features(self, obs: dict):
         # uint8 NHWC in the buffer; float NCHW only here
@@ -218,10 +238,14 @@ def gae(next_value, next_done, container, gamma: float, gae_lambda: float):
     return container
 
 
-def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args) -> TensorDictModule:
-    """One PPO gradient step on a minibatch, as a TensorDictModule so it compiles and graphs as a whole."""
+def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args, actor_loss_weight: torch.Tensor) -> TensorDictModule:
+    """One PPO gradient step on a minibatch, as a TensorDictModule so it compiles and graphs as a whole.
+    ``actor_loss_weight`` (0-dim, 1 or 0) weighs the policy and entropy terms and the gradients of everything
+    but the critic head: 0 during critic warm-up."""
+    # the image and state encoders feed the actor too, so critic warm-up freezes everything but the critic head
+    actor_params = [p for name, p in agent.named_parameters() if not name.startswith("critic.")]
 
-    def update(obs, actions, logprobs, advantages, returns, vals):
+    def update(obs, actions, logprobs, advantages, returns, vals, residual_applied):
         optimizer.zero_grad()
         _, newlogprob, entropy, newvalue = agent.get_action_and_value(obs, actions)
         logratio = newlogprob - logprobs
@@ -235,7 +259,9 @@ def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args) -> TensorD
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         pg_loss1 = -advantages * ratio
         pg_loss2 = -advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-        pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+        # Progressive exploration: where the coin said "expert alone", the sampled action had no effect, so
+        # its surrogate term has zero expectation; it is replaced by that zero, which removes only noise.
+        pg_loss = (torch.max(pg_loss1, pg_loss2) * residual_applied).mean()
 
         newvalue = newvalue.view(-1)
         if args.clip_vloss:
@@ -245,16 +271,20 @@ def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args) -> TensorD
         else:
             v_loss = 0.5 * ((newvalue - returns) ** 2).mean()
         entropy_loss = entropy.mean()
-        loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+        # Critic warm-up without a branch a compiled or graphed update would have to retrace: a weight of 0
+        # gives everything but the critic head zero gradients, and with Adam's moments still zero it does not move
+        loss = actor_loss_weight * (pg_loss - args.ent_coef * entropy_loss) + v_loss * args.vf_coef
 
         loss.backward()
+        for param in actor_params:  # the encoders' gradients from the value loss
+            param.grad.mul_(actor_loss_weight)
         grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
         optimizer.step()
         return approx_kl, v_loss.detach(), pg_loss.detach(), entropy_loss.detach(), old_approx_kl, clipfrac, grad_norm
 
     return TensorDictModule(
         update,
-        in_keys=["obs", "actions", "logprobs", "advantages", "returns", "vals"],
+        in_keys=["obs", "actions", "logprobs", "advantages", "returns", "vals", "residual_applied"],
         out_keys=["approx_kl", "v_loss", "pg_loss", "entropy_loss", "old_approx_kl", "clipfrac", "grad_norm"],
     )
 
@@ -262,9 +292,14 @@ def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args) -> TensorD
 def check_args(args: Args) -> None:
     """Reject bad input before any env is built or anything is written."""
     util.check_env_id(args.env_id)
-    experts.check_expert_args(args.expert_type, args.env_id, args.control_mode, args.model_path, args.expert_fn)
+    experts.check_expert_args(args.expert_type, args.env_id, args.control_mode, args.model_path, args.expert_fn,
+                              args.fusion)
     if args.evaluate and args.checkpoint is None:
         raise util.UsageError("--evaluate needs --checkpoint PATH")
+    if args.evaluate and args.resume:
+        raise util.UsageError("--evaluate and --resume exclude each other: evaluate a checkpoint, or resume its run")
+    if args.keep_checkpoints < 0:
+        raise util.UsageError(f"--keep-checkpoints must be >= 0, got {args.keep_checkpoints}")
     if args.num_envs < 1 or args.num_eval_envs < 1:
         raise util.UsageError(f"--num-envs and --num-eval-envs must be >= 1, got {args.num_envs} and {args.num_eval_envs}")
     if min(args.camera_width, args.camera_height) < 36:
@@ -272,6 +307,8 @@ def check_args(args: Args) -> None:
                               f"{args.camera_width}x{args.camera_height}")
     if args.residual_scale < 0:
         raise util.UsageError(f"--residual-scale must be >= 0, got {args.residual_scale}")
+    if args.critic_warmup_iters < 0:
+        raise util.UsageError(f"--critic-warmup-iters must be >= 0, got {args.critic_warmup_iters}")
     if args.num_steps < 1 or args.num_minibatches < 1 or args.update_epochs < 1 or args.eval_freq < 1:
         raise util.UsageError("--num-steps, --num-minibatches, --update-epochs and --eval-freq must be >= 1")
     batch_size = args.num_envs * args.num_steps
@@ -281,11 +318,15 @@ def check_args(args: Args) -> None:
     if not args.evaluate and args.total_timesteps < batch_size:
         raise util.UsageError(f"--total-timesteps {args.total_timesteps} is less than one batch of {batch_size} "
                               f"(num_envs x num_steps)")
-    util.check_writable(args.output_dir)
+    util.check_writable(os.path.dirname(os.path.abspath(args.checkpoint)) if args.resume else args.output_dir)
 
 
 def main():
     args = tyro.cli(Args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
+        raise util.UsageError(f"{SCRIPT} trains in one process; data-parallel training (torchrun) is in ppo_fast.py")
+    if args.resume:  # the run's own arguments, overridden by the flags given now
+        args = tyro.cli(Args, default=Args(**util.resume_args(args.checkpoint, Args)))
     backend = util.resolve_sim_backend(args.sim_backend)
     cores = os.cpu_count() or 1
     if args.num_envs is None:
@@ -300,10 +341,15 @@ def main():
     if chosen_control_mode:
         args.control_mode = experts.default_control_mode(args.expert_type)
     check_args(args)
+    schedule = util.ResidualSchedule(args.residual_scale, args.residual_scale_schedule, args.residual_scale_final,
+                                     args.total_timesteps, args.residual_warmup_steps)  # checks its flags too
     checkpoint = util.load_checkpoint(args.checkpoint) if args.checkpoint else None
     if checkpoint is not None:
         util.check_checkpoint(checkpoint, args.checkpoint, network=NETWORK, env_id=args.env_id,
                               expert_type=args.expert_type)
+    if args.resume:
+        util.check_resume(checkpoint, args.checkpoint, args)
+    resume = checkpoint["resume"] if args.resume else None
 
     batch_size = args.num_envs * args.num_steps
     minibatch_size = batch_size // args.num_minibatches
@@ -313,6 +359,9 @@ def main():
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    # nan and inf are caught once per iteration (util.check_finite below) instead of by the distributions' argument
+    # checks, which raise a traceback and cost a host sync at every call
+    torch.distributions.Distribution.set_default_validate_args(False)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         print("CUDA graphs need a CUDA device; continuing without them")
@@ -323,43 +372,52 @@ def main():
 
     # ---- environments: backend -> expert + residual wrapper ----
     env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend, obs_mode="state_dict+rgb",
+                      restart_dead_workers=args.restart_dead_workers,
                       sensor_configs=dict(width=args.camera_width, height=args.camera_height))
     eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True, **env_kwargs)
-    expert = experts.make_expert(args.expert_type, args.env_id, eval_envs, ik_gain=args.ik_gain,
-                                 model_path=args.model_path, expert_fn=args.expert_fn)
+    expert = experts.make_experts(args.expert_type, args.env_id, eval_envs, ik_gain=args.ik_gain,
+                                  model_path=args.model_path, expert_fn=args.expert_fn)
     eval_envs = util.ExpertResidualWrapper(eval_envs, expert, args.residual_scale, args.clip_final_action,
+                                           fusion=args.fusion,
                                            policy_obs_fn=util.image_policy_obs(eval_envs, args.include_state))
     if not args.evaluate:
         train_backend = util.make_env(args.env_id, args.num_envs, ignore_terminations=not args.partial_reset,
                                       **env_kwargs)
         envs = util.ExpertResidualWrapper(
             train_backend, expert, args.residual_scale, args.clip_final_action,
-            expert_action_noise=args.expert_action_noise,
+            expert_action_noise=args.expert_action_noise, fusion=args.fusion,
             policy_obs_fn=util.image_policy_obs(train_backend, args.include_state))
     num_eval_steps = args.num_eval_steps or eval_envs.max_episode_steps
     obs, _ = eval_envs.reset(seed=args.seed + 1_000_000)
-    rgb_shape, state_dim, action_dim = list(obs["rgb"].shape[1:]), obs["state"].shape[1], eval_envs.action_dim
+    # the policy's action: the residual, plus one fusion logit per expert with --fusion learned
+    rgb_shape, state_dim, action_dim = list(obs["rgb"].shape[1:]), obs["state"].shape[1], eval_envs.policy_action_dim
 
     # ---- agent: trained copy, rollout copy sharing its parameters, optimizer ----
-    agent = Agent(rgb_shape, state_dim, action_dim).to(device)
+    agent = Agent(rgb_shape, state_dim, action_dim, args.init_logstd).to(device)
     if checkpoint is not None:
         util.check_checkpoint(checkpoint, args.checkpoint, rgb_shape=rgb_shape, state_dim=state_dim,
                               action_dim=action_dim, control_mode=eval_envs.control_mode)
         agent.load_state_dict(checkpoint["model"])  # copies in place: loading never rebinds a parameter
     # The rollout copy holds the same storage without autograd history, so the policy step stays a pure
     # inference graph while the update changes the weights it reads.
-    agent_inference = Agent(rgb_shape, state_dim, action_dim).to(device)
+    agent_inference = Agent(rgb_shape, state_dim, action_dim, args.init_logstd).to(device)
     from_module(agent).data.to_module(agent_inference)
     # A tensor learning rate can be annealed in place under a captured graph; a graphed but uncompiled
     # optimizer step must be capturable. fused: one pass over all parameters.
     optimizer = optim.Adam(agent.parameters(), lr=torch.tensor(args.learning_rate, device=device), eps=1e-5,
                            fused=True, capturable=args.cudagraphs and not args.compile)
+    if resume is not None:
+        util.load_optimizer_state(optimizer, resume["optimizer"])
+    # Critic warm-up: 0 for the first --critic-warmup-iters iterations, then 1; set in place with fill_, so the
+    # compiled or graphed update that closes over it never retraces
+    actor_loss_weight = torch.ones((), device=device)
+    actor_params = [p for name, p in agent.named_parameters() if not name.startswith("critic.")]
 
     # ---- executables: eager, compiled, graphed ----
     policy = agent_inference.get_action_and_value
     get_value = agent_inference.get_value
     advantage_fn = functools.partial(gae, gamma=args.gamma, gae_lambda=args.gae_lambda)
-    update = make_update(agent, optimizer, args)
+    update = make_update(agent, optimizer, args, actor_loss_weight)
     if args.compile:
         policy = torch.compile(policy)
         get_value = torch.compile(get_value)
@@ -367,8 +425,11 @@ def main():
         update = torch.compile(update)
 
     # ---- output: logs, checkpoints, videos ----
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
+    if resume is not None:  # a resumed run goes on in its own directory
+        run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+    else:
+        run_dir = os.path.join(args.output_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_name = os.path.basename(run_dir)
     video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
     os.makedirs(run_dir, exist_ok=True)
     if args.track:
@@ -376,25 +437,32 @@ def main():
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(run_dir)
+    # on resume, hide what a crashed run logged after its checkpoint
+    writer = SummaryWriter(run_dir, purge_step=resume["global_step"] if resume is not None else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     print(f"backend: {backend} | envs: {'-' if args.evaluate else args.num_envs} train, {args.num_eval_envs} eval | "
           f"control mode: {eval_envs.control_mode}{f' (default for --expert-type {args.expert_type})' if chosen_control_mode else ''} | "
           f"expert: {args.expert_type} | device: {device} | compile: {args.compile} | cudagraphs: {args.cudagraphs}")
-    print(f"logs: {run_dir} (tensorboard --logdir {args.output_dir})")
+    print(f"logs: {run_dir} (tensorboard --logdir {os.path.dirname(run_dir)})")
     if args.save_model and not args.evaluate:
-        print(f"checkpoints: {run_dir}/ckpt_<iteration>.pt and {run_dir}/final_ckpt.pt")
+        print(f"checkpoints: {run_dir}/latest.pt (the newest), ckpt_<iteration>.pt (the last {args.keep_checkpoints}) "
+              f"and final_ckpt.pt")
     if video_dir:
         print(f"videos: {video_dir}")
 
-    def save(path: str) -> None:
+    def save(name: str, iterations_done: int) -> str:
         # agent is never compiled itself (only functions are), so its state dict has no _orig_mod. keys
         meta = dict(script=SCRIPT, network=NETWORK, env_id=args.env_id, obs_mode="rgb",
                     control_mode=eval_envs.control_mode, rgb_shape=rgb_shape, state_dim=state_dim,
                     action_dim=action_dim,
-                    expert_type=args.expert_type, residual_scale=args.residual_scale,
+                    expert_type=args.expert_type, residual_scale=eval_envs.residual_scale,
                     args=asdict(args), versions=util.versions())
-        util.save_checkpoint(path, dict(model=agent.state_dict(), meta=meta))
+        # everything a resumed run needs to go on as this one would (schedules are functions of the step counts)
+        resume = dict(iteration=iterations_done, global_step=iterations_done * batch_size,
+                      optimizer=optimizer.state_dict(), rng=util.rng_state(),
+                      env_rng=dict(train=envs.get_episode_rng(), eval=eval_envs.get_episode_rng()))
+        return util.save_run_checkpoint(run_dir, name, dict(model=agent.state_dict(), meta=meta, resume=resume),
+                                        args.keep_checkpoints)
 
     def evaluate(global_step: int) -> dict:
         obs, _ = eval_envs.reset()
@@ -437,15 +505,16 @@ def main():
         final_values=torch.zeros(args.num_steps, args.num_envs),
         advantages=torch.zeros(args.num_steps, args.num_envs),
         returns=torch.zeros(args.num_steps, args.num_envs),
+        residual_applied=torch.ones(args.num_steps, args.num_envs),  # progressive exploration's coin, as a float
         batch_size=(args.num_steps, args.num_envs), device=device,
     )
     bytes_per_env_step = container.bytes() / (args.num_steps * args.num_envs)
     print(f"rollout storage: {container.bytes() / 2**20:.1f} MiB, {bytes_per_env_step:.0f} bytes per env step "
           f"(images {int(np.prod(rgb_shape))} as uint8, state {4 * state_dim})")
 
-    global_step, last_eval = 0, {}
+    iterations_done, global_step, last_eval = 0, 0, {}
     seconds = dict(rollout=0.0, env_step=0.0, update=0.0)  # training time, evaluation and compilation excluded
-    next_obs, _ = envs.reset(seed=args.seed)
+    next_obs, _ = envs.reset(seed=args.seed)  # a resumed run resets again below
     next_obs = to_device(next_obs, device)
     next_done = torch.zeros(args.num_envs, device=device)
 
@@ -460,33 +529,47 @@ def main():
             advantage_fn(get_value(next_obs).flatten(), next_done, container)
         if update_threads:
             torch.set_num_threads(update_threads)
-        # the warm-up update must leave no trace: restore the weights and the empty Adam moments in place
+        # the warm-up update must leave no trace: restore the weights and Adam's state (empty, or resumed) in place
         weights = [p.detach().clone() for p in agent.parameters()]
+        adam_state = {p: {k: v.clone() for k, v in state.items()} for p, state in optimizer.state.items()}
         update(container.view(-1)[:minibatch_size], tensordict_out=TensorDict())
         with torch.no_grad():
             for p, w in zip(agent.parameters(), weights):
                 p.copy_(w)
-            for state in optimizer.state.values():
-                for v in state.values():
-                    v.zero_()
+            for p, state in optimizer.state.items():
+                for k, v in state.items():
+                    if p in adam_state:
+                        v.copy_(adam_state[p][k])
+                    else:
+                        v.zero_()
         seconds["compile"] = time.time() - compile_start
         print(f"compiled the policy step, value, GAE and update in {seconds['compile']:.1f} s")
     if args.cudagraphs:
         policy = CudaGraphModule(policy)
         update = CudaGraphModule(update)
 
-    progress = tqdm(total=num_iterations * batch_size, unit="step", dynamic_ncols=True)
-    for iteration in range(1, num_iterations + 1):
+    if resume is not None:  # ---- resume: counters, the envs' episodes and seed streams, then the random streams ----
+        iterations_done, global_step = resume["iteration"], resume["global_step"]
+        next_obs, _ = envs.reset_to_episode_rng(resume["env_rng"]["train"])
+        next_obs = to_device(next_obs, device)
+        eval_envs.reset_to_episode_rng(resume["env_rng"]["eval"])
+        util.set_rng_state(resume["rng"])  # after the resets and the compile warm-up, which may draw random numbers
+        print(f"resumed from {args.checkpoint} after iteration {iterations_done} ({global_step} steps)")
+    steps_at_start = global_step
+
+    progress = tqdm(total=num_iterations * batch_size, initial=global_step, unit="step", dynamic_ncols=True)
+    stop = util.GracefulStop()  # SIGINT, SIGTERM: stop at the next safe point, checkpoint, exit
+
+    for iteration in range(iterations_done + 1, num_iterations + 1):
         if rollout_threads:
             torch.set_num_threads(rollout_threads)
-        # ---- eval (and checkpoint) ----
-        if (iteration - 1) % args.eval_freq == 0:
+        schedule.apply(global_step, train=envs, evaluation=eval_envs)  # residual scale and probability
+        # ---- eval ----
+        if (iteration - 1) % args.eval_freq == 0 and not stop.requested:
             last_eval = evaluate(global_step)
             for k, v in last_eval.items():
                 writer.add_scalar(f"eval/{k}", v, global_step)
             progress.write(eval_line(last_eval, global_step))
-            if args.save_model:
-                save(os.path.join(run_dir, f"ckpt_{iteration}.pt"))
 
         iteration_start = time.time()
         if args.anneal_lr:
@@ -496,6 +579,10 @@ def main():
         container["final_values"].zero_()
         action_stats = defaultdict(float)  # summed as tensors; read once per iteration
         for step in range(args.num_steps):
+            if stop.requested:  # a signal: drop this rollout; the last finished iteration is saved below
+                break
+            if backend == "cpu":  # ManiSkill's CPU simulation raises on a nan action: check what the policy sees
+                util.check_finite(iteration, run_dir, observations=next_obs["state"])
             global_step += args.num_envs
             if args.cudagraphs:
                 # a new graph step before each stochastic call: otherwise the replayed sampling noise repeats
@@ -511,6 +598,7 @@ def main():
             next_obs = to_device(next_obs, device)
             next_done = (terminations | truncations).to(device, torch.float32)
             container["rewards"][step] = reward.to(device).view(-1) * args.reward_scale
+            container["residual_applied"][step] = infos["residual_applied"].to(device, torch.float32)
             for k, v in infos.get("action_stats", {}).items():
                 action_stats[k] += v / args.num_steps
             if "final_info" in infos:
@@ -523,6 +611,10 @@ def main():
                     final_value = get_value(to_device(infos["final_observation"], device)).flatten()
                 container["final_values"][step] = torch.where(done_mask, final_value, 0.0)
 
+        if stop.requested:
+            break
+        # the images are uint8, always finite
+        util.check_finite(iteration, run_dir, observations=container["obs", "state"], rewards=container["rewards"])
         seconds["rollout"] += time.time() - iteration_start
         update_start = time.time()
 
@@ -533,6 +625,13 @@ def main():
         # ---- update ----
         if update_threads:
             torch.set_num_threads(update_threads)
+        actor_loss_weight.fill_(0.0 if iteration <= args.critic_warmup_iters else 1.0)
+        if iteration == args.critic_warmup_iters + 1 > 1:
+            # the actor's first update: its Adam state starts afresh, as in ppo_rgb.py, where Adam skipped the
+            # frozen parameters (their moments are still zero; this resets the step count behind the bias correction)
+            for param in actor_params:
+                for value in optimizer.state[param].values():
+                    value.zero_()
         container_flat = container.view(-1)
         update_logs = []
         for epoch in range(args.update_epochs):
@@ -546,11 +645,14 @@ def main():
             else:
                 continue
             break
+        logs = torch.stack(update_logs)
+        # nan or inf in any minibatch: checked once here, outside the graph
+        util.check_finite(iteration, run_dir, loss=torch.stack([logs["v_loss"], logs["pg_loss"]]),
+                          gradients=logs["grad_norm"])
 
         # ---- log ----
         seconds["update"] += time.time() - update_start
-        sps = int(global_step / (seconds["rollout"] + seconds["update"]))
-        logs = torch.stack(update_logs)
+        sps = int((global_step - steps_at_start) / (seconds["rollout"] + seconds["update"]))
         y_pred, y_true = container["vals"].flatten().cpu().numpy(), container["returns"].flatten().cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
@@ -567,25 +669,41 @@ def main():
         for k, v in action_stats.items():
             writer.add_scalar(f"actions/{k}_abs_mean", float(v), global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("charts/residual_scale", envs.residual_scale, global_step)
+        writer.add_scalar("charts/residual_prob", envs.residual_prob, global_step)
+        writer.add_scalar("charts/worker_restarts", envs.env.worker_restarts, global_step)
         for k, v in seconds.items():
             writer.add_scalar(f"time/{k}_seconds", v, global_step)
         progress.update(batch_size)
         progress.set_postfix(SPS=sps, eval_success=f"{last_eval.get('success_once', float('nan')):.2f}")
 
+        # ---- checkpoint: the model the next eval scores, and what resuming needs ----
+        iterations_done = iteration
+        if args.save_model and iteration % args.eval_freq == 0:
+            save(f"ckpt_{iteration}.pt", iteration)
+
     progress.close()
+    if stop.requested:  # ---- signal: checkpoint the last finished iteration, close envs and workers, exit ----
+        latest = save(f"ckpt_{iterations_done}.pt", iterations_done) if args.save_model else None
+        writer.close()
+        envs.close()
+        eval_envs.close()
+        stop.exit(f"resume with: python {SCRIPT} --resume --checkpoint {latest}" if latest else "nothing saved")
     if rollout_threads:
         torch.set_num_threads(rollout_threads)
     # ---- final eval and checkpoint ----
+    schedule.apply(global_step, train=envs, evaluation=eval_envs)
     last_eval = evaluate(global_step)
     for k, v in last_eval.items():
         writer.add_scalar(f"eval/{k}", v, global_step)
     print(eval_line(last_eval, global_step))
     if args.save_model:
-        save(os.path.join(run_dir, "final_ckpt.pt"))
+        save("final_ckpt.pt", iterations_done)
         print(f"saved {run_dir}/final_ckpt.pt")
+    train_sps = (global_step - steps_at_start) / (seconds["rollout"] + seconds["update"])
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(dict(global_step=global_step, train_sps=global_step / (seconds["rollout"] + seconds["update"]),
-                       seconds=seconds, buffer_bytes_per_env_step=bytes_per_env_step, eval=last_eval), f, indent=2)
+        json.dump(dict(global_step=global_step, train_sps=train_sps, seconds=seconds,
+                       buffer_bytes_per_env_step=bytes_per_env_step, eval=last_eval), f, indent=2)
     writer.close()
     envs.close()
     eval_envs.close()

@@ -77,28 +77,35 @@ STOP_SIGNALS = {signal.SIGINT: 0, signal.SIGTERM: 143}  # signal -> the exit cod
 class GracefulStop:
     """SIGINT and SIGTERM ask the training loop to stop at a safe point instead of killing it.
 
-    The loop polls ``requested``; a second signal gets the signal's previous handler, so a second Ctrl-C
-    interrupts at once. ``exit()`` ends the process with 0 after SIGINT and 143 after SIGTERM.
+    The loop polls ``requested``; with ``escalate``, a second signal gets the signal's previous handler, so a
+    second Ctrl-C interrupts at once. Under torchrun Ctrl-C reaches each rank twice (from the terminal, then
+    forwarded by torchrun), and torchrun kills the ranks itself 30 s after forwarding, so there the scripts
+    pass ``escalate=False``. ``exit()`` ends the process with 0 after SIGINT and 143 after SIGTERM.
     """
 
-    def __init__(self):
+    def __init__(self, escalate: bool = True):
         self.signum: Optional[int] = None
+        self.escalate = escalate
         self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+        if self.signum is None:
+            self.signum = signum
+        if self.escalate:
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
-    def exit(self, message: str) -> NoReturn:
-        # under torchrun a rank may stop because another rank was signalled: that is a clean exit
-        cause = signal.Signals(self.signum).name if self.requested else "a signal to another rank"
-        print(f"stopped by {cause}: {message}", flush=True)
-        sys.exit(STOP_SIGNALS[self.signum] if self.requested else 0)
+    def exit(self, message: Optional[str] = None) -> NoReturn:
+        """Print ``message`` (if any) and exit. Under torchrun a rank may stop for another rank's signal before
+        its own arrives: it exits with 0."""
+        if message is not None:
+            cause = signal.Signals(self.signum).name if self.requested else "a signal to another rank"
+            print(f"stopped by {cause}: {message}", flush=True)
+        sys.exit(STOP_SIGNALS.get(self.signum, 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -799,13 +806,13 @@ class ResidualSchedule:
 
     def apply(self, step: int, train: Optional["ExpertResidualWrapper"],
               evaluation: Optional["ExpertResidualWrapper"]) -> None:
-        """Set the wrappers for ``step``: the same scale, the residual probability on the training envs only.
-        Either may be None (no training envs with --evaluate; no eval envs on ranks other than 0)."""
-        if evaluation is not None:
-            evaluation.residual_scale = self.scale_at(step)
+        """Set both wrappers for ``step``: the same scale, the residual probability on the training envs only.
+        Either may be None (no training envs with --evaluate; under torchrun, eval envs on rank 0 only)."""
         if train is not None:
             train.residual_scale = self.scale_at(step)
             train.residual_prob = self.residual_prob_at(step)
+        if evaluation is not None:
+            evaluation.residual_scale = self.scale_at(step)
 
 
 class ExpertResidualWrapper:
@@ -968,12 +975,6 @@ class Distributed:
         torch.distributed.all_gather(gathered, digest.to(_collective_device()))
         return [int(h) for h in gathered]
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank if ``flag`` is true on any rank."""
-        if not self.enabled:
-            return flag
-        return bool(self.mean(torch.tensor(float(flag), device=_collective_device())) > 0)
-
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """The mean of a scalar over the ranks, so that decisions taken on it agree on every rank."""
         if not self.enabled:
@@ -981,6 +982,21 @@ class Distributed:
         total = value.detach().clone()
         torch.distributed.all_reduce(total)
         return total / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank, on every rank: e.g. a stop signal that reached the ranks at
+        different moments, so that they all stop after the same iteration."""
+        if not self.enabled:
+            return flag
+        return bool(self.mean(torch.tensor(float(flag), device=_collective_device())) > 0)
+
+    def gather(self, obj: Any) -> Optional[list]:
+        """Every rank's ``obj``, in rank order, on rank 0; None on the other ranks."""
+        if not self.enabled:
+            return [obj]
+        gathered = [None] * self.world_size if self.is_main else None
+        torch.distributed.gather_object(obj, gathered, dst=0)
+        return gathered
 
     def close(self) -> None:
         if self.enabled:
@@ -1116,6 +1132,18 @@ def check_resume(payload: dict, path: str, args) -> None:
     if payload["resume"]["global_step"] + args.num_envs * args.num_steps > args.total_timesteps:
         raise UsageError(f"checkpoint '{path}' is at step {payload['resume']['global_step']}, which leaves no "
                          f"iteration before --total-timesteps {args.total_timesteps}; give a larger --total-timesteps")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Resume an optimizer whose learning rate is a tensor (the fast scripts'): load the saved moments and step
+    counts, and the saved learning rate into that same tensor, which compiled and graphed steps read in place.
+    The optimizer keeps its own settings (fused, capturable), whatever the saved run used."""
+    own = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, own):
+        saved_lr = float(group["lr"])
+        group.update(settings)
+        group["lr"].fill_(saved_lr)
 
 
 def rng_state() -> dict:

@@ -1,19 +1,26 @@
-"""ppo_fast.py and ppo_rgb_fast.py: GAE and the compiled update against their references, tiny CPU runs."""
+"""ppo_fast.py and ppo_rgb_fast.py: GAE and the compiled update against their references, tiny CPU runs,
+the residual techniques and reliability features carried over from ppo.py."""
 
 import copy
 import functools
 import glob
 import os
+import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 from tensordict import TensorDict
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import experts
 import ppo
 import ppo_fast
 import util
-from conftest import TINY, run_script
+from conftest import ROOT, TINY, run_script
+from test_reliability import ENDLESS, assert_gone, children, load, wait_for
 
 CUDA_NOTICE = "CUDA graphs need a CUDA device; continuing without them"
 
@@ -54,15 +61,16 @@ def test_compiled_update_matches_eager():
     agents = [ppo_fast.Agent(obs_dim, action_dim)]
     agents.append(copy.deepcopy(agents[0]))
     optimizers = [torch.optim.Adam(a.parameters(), lr=torch.tensor(1e-3), eps=1e-5, fused=True) for a in agents]
-    eager = ppo_fast.make_update(agents[0], optimizers[0], args)
-    compiled = torch.compile(ppo_fast.make_update(agents[1], optimizers[1], args))
+    actor_loss_weight = torch.ones(())
+    eager = ppo_fast.make_update(agents[0], optimizers[0], args, actor_loss_weight)
+    compiled = torch.compile(ppo_fast.make_update(agents[1], optimizers[1], args, actor_loss_weight))
 
     obs = torch.randn(batch, obs_dim)
     with torch.no_grad():
         actions, logprobs, _, values = agents[0].get_action_and_value(obs)
     data = TensorDict(obs=obs, actions=actions, logprobs=logprobs + 0.1 * torch.randn(batch),
                       advantages=torch.randn(batch), returns=values.flatten() + torch.randn(batch),
-                      vals=values.flatten(), batch_size=(batch,))
+                      vals=values.flatten(), residual_applied=(torch.rand(batch) < 0.7).float(), batch_size=(batch,))
     for _ in range(3):  # several steps, so Adam's moments take part
         outs = [update(data.clone(), tensordict_out=TensorDict()) for update in (eager, compiled)]
         for key in ("v_loss", "pg_loss", "entropy_loss", "approx_kl", "clipfrac", "grad_norm"):
@@ -142,4 +150,89 @@ def test_cudagraphs_with_gpu_backend_without_cuda_is_refused(script, tmp_path):
     proc = run_script(script, [*TINY, "--sim-backend", "gpu", "--cudagraphs", "--output-dir", str(tmp_path / "o")],
                       cwd=tmp_path)
     assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# residual techniques and reliability, as in ppo.py (eager: compiling would cost 20-40 s per run)
+# ---------------------------------------------------------------------------------------------------------------
+def test_ppo_fast_critic_warmup_progressive_exploration_and_learned_fusion(tmp_path):
+    """3 iterations of 16 steps, the first 2 critic-only; the residual probability is 0, 0.25, 0.5."""
+    args = [*TINY, "--total-timesteps", "48", "--critic-warmup-iters", "2", "--keep-checkpoints", "5",
+            "--expert-type", "ik,zero", "--fusion", "learned", "--residual-warmup-steps", "64",
+            "--control-mode", "pd_ee_delta_pos", "--no-capture-video", "--output-dir", str(tmp_path)]
+    proc = run_script("ppo_fast.py", args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = glob.glob(str(tmp_path / "PickCube-v1__ppo_fast__1__*"))
+    warm1, warm2, final = (load(os.path.join(run_dir, name)) for name in ("ckpt_1.pt", "ckpt_2.pt", "final_ckpt.pt"))
+    assert warm1["meta"]["action_dim"] == 4 + 2, "the residual and one fusion logit per expert"
+
+    # the actor is where it started after the warm-up, bit for bit; the critic is not
+    actor = [k for k in final["model"] if not k.startswith("critic.")]
+    assert all(torch.equal(warm1["model"][k], warm2["model"][k]) for k in actor)
+    assert torch.equal(warm2["model"]["actor_logstd"], torch.full((1, 6), -0.5))
+    assert torch.equal(warm2["model"]["actor_mean.6.bias"], torch.zeros(6))
+    assert not torch.equal(warm1["model"]["critic.0.weight"], warm2["model"]["critic.0.weight"])
+    assert not all(torch.equal(warm2["model"][k], final["model"][k]) for k in actor), "the actor trains after"
+    # ...and Adam starts afresh for it, as if it had skipped the actor during the warm-up as ppo.py's does
+    state, names = final["resume"]["optimizer"]["state"], list(final["model"])  # the parameters' order
+    assert 0 < state[names.index("actor_logstd")]["step"] < state[names.index("critic.0.weight")]["step"]
+
+    # progressive exploration: no env applied its residual in iteration 1, so its surrogate is exactly zero
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    policy_loss = {e.step: e.value for e in events.Scalars("losses/policy_loss")}
+    assert policy_loss[16] == 0.0 and policy_loss[32] != 0.0
+    assert [e.value for e in events.Scalars("charts/residual_prob")] == [0.0, 0.25, 0.5]
+
+
+def test_ppo_fast_resumed_run_matches_the_straight_run(tmp_path):
+    """4 iterations straight equal 2, resume, 2 (1 env, 25 steps: every checkpoint falls on an episode start)."""
+    aligned = ["--sim-backend", "cpu", "--num-envs", "1", "--num-eval-envs", "1", "--num-steps", "25",
+               "--num-minibatches", "1", "--total-timesteps", "100", "--eval-freq", "2", "--num-eval-steps", "2",
+               "--no-partial-reset", "--no-capture-video"]
+    proc = run_script("ppo_fast.py", [*aligned, "--output-dir", str(tmp_path / "straight")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (straight,) = glob.glob(str(tmp_path / "straight" / "*"))
+    half = load(os.path.join(straight, "ckpt_2.pt"))
+    assert (half["resume"]["iteration"], half["resume"]["global_step"]) == (2, 50)
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(os.path.join(straight, "ckpt_2.pt"), resumed / "ckpt_2.pt")
+    proc = run_script("ppo_fast.py", ["--resume", "--checkpoint", str(resumed / "ckpt_2.pt")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "after iteration 2 (50 steps)" in proc.stdout
+
+    want, got = load(os.path.join(straight, "final_ckpt.pt")), load(resumed / "final_ckpt.pt")
+    assert got["resume"]["global_step"] == want["resume"]["global_step"] == 100
+    moved = sum((want["model"][k] - half["model"][k]).norm() for k in want["model"])
+    assert moved > 1e-3, "the second half must change the parameters, or the comparison proves nothing"
+    for k in want["model"]:
+        torch.testing.assert_close(got["model"][k], want["model"][k], msg=f"parameter {k} diverged")
+    assert isinstance(got["resume"]["optimizer"]["param_groups"][0]["lr"], torch.Tensor), "graphs read a tensor lr"
+
+
+def test_ppo_fast_sigint_checkpoints_closes_workers_and_exits_0(tmp_path):
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ppo_fast.py"), *ENDLESS, "--output-dir", str(tmp_path)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    latest = wait_for(tmp_path / "*" / "latest.pt", proc)
+    workers = children(proc.pid)
+    assert len(workers) >= 3, workers  # 2 train workers, 1 eval worker (and the resource tracker)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole process group
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "stopped by SIGINT: resume with: python ppo_fast.py --resume --checkpoint " in out
+    resume = load(latest)["resume"]
+    assert resume["global_step"] == 8 * resume["iteration"] > 0
+    assert_gone(workers)
+
+
+@pytest.mark.parametrize("script", ["ppo_rgb.py", "ppo_rgb_fast.py"])
+def test_image_scripts_refuse_torchrun(script, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--output-dir", str(tmp_path / "o")],
+                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "2"})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == \
+        f"error: {script} trains in one process; data-parallel training (torchrun) is in ppo_fast.py"
     assert not (tmp_path / "o").exists()

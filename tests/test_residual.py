@@ -40,7 +40,9 @@ def test_critic_warmup_freezes_the_actor(tmp_path):
     assert start["meta"]["action_dim"] == 6
     actor = [k for k in start["model"] if not k.startswith("critic.")]
     assert "actor_logstd" in actor
-    assert torch.equal(warmed["model"]["actor_logstd"], torch.full((1, 6), -0.5)), "untouched since init"
     assert all(torch.equal(start["model"][k], warmed["model"][k]) for k in actor)
+    # and where they were initialised: the initial log-std, the residual head's zero bias
+    assert torch.equal(warmed["model"]["actor_logstd"], torch.full((1, 6), -0.5))
+    assert torch.equal(warmed["model"]["actor_mean.6.bias"], torch.zeros(6))
     assert not torch.equal(start["model"]["critic.0.weight"], warmed["model"]["critic.0.weight"])
     assert not all(torch.equal(start["model"][k], final["model"][k]) for k in actor), "the actor trains after"
