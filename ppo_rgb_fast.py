@@ -324,7 +324,7 @@ def check_args(args: Args) -> None:
 def main():
     args = tyro.cli(Args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
-        raise util.UsageError(f"{SCRIPT} trains in one process; data-parallel training (torchrun) is in ppo_fast.py")
+        raise util.UsageError(f"{SCRIPT} trains in one process; data-parallel training (torchrun) is in ppo.py and ppo_fast.py")
     if args.resume:  # the run's own arguments, overridden by the flags given now
         args = tyro.cli(Args, default=Args(**util.resume_args(args.checkpoint, Args)))
     backend = util.resolve_sim_backend(args.sim_backend)

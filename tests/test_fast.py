@@ -234,5 +234,5 @@ def test_image_scripts_refuse_torchrun(script, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--output-dir", str(tmp_path / "o")],
                           cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "2"})
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == \
-        f"error: {script} trains in one process; data-parallel training (torchrun) is in ppo_fast.py"
+        f"error: {script} trains in one process; data-parallel training (torchrun) is in ppo.py and ppo_fast.py"
     assert not (tmp_path / "o").exists()
