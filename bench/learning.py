@@ -55,12 +55,12 @@ class Args:
     """training envs per run"""
     num_eval_envs: int = 32
     """eval envs per run: one episode each per eval"""
-    eval_freq: int = 25
-    """evaluate every this many iterations (of num_envs x 50 steps)"""
-    weak_ik_flags: str = ("--residual-scale 0.5 --init-logstd -2 --critic-warmup-iters 5 "
+    ppo_flags: str = "--num-steps 200 --num-minibatches 4 --eval-freq 6"
+    """ppo.py flags of every run: batches of 1600 env steps, an eval every 9600 env steps"""
+    weak_ik_flags: str = ("--residual-scale 0.5 --init-logstd -2 --critic-warmup-iters 2 "
                           "--residual-warmup-steps 50000")
     """ppo.py flags of the weak_ik configuration (residual techniques and scale)"""
-    ik_flags: str = "--residual-scale 0.2 --init-logstd -1 --critic-warmup-iters 5 --residual-warmup-steps 50000"
+    ik_flags: str = "--residual-scale 0.2 --init-logstd -2 --critic-warmup-iters 2 --residual-warmup-steps 50000"
     """ppo.py flags of the ik configuration (residual techniques and scale)"""
     expert_episodes: int = 200
     """episodes on which each IK expert is measured alone"""
@@ -105,9 +105,9 @@ def train(config: str, seed: int, args: Args) -> dict:
     exp_name = f"{config}_s{seed}"
     command = [sys.executable, os.path.join(ROOT, "ppo.py"), "--sim-backend", "cpu", "--env-id", ENV_ID,
                "--control-mode", CONTROL_MODE, "--seed", str(seed), "--num-envs", str(args.num_envs),
-               "--num-eval-envs", str(args.num_eval_envs), "--eval-freq", str(args.eval_freq),
-               "--total-timesteps", str(args.total_timesteps), "--no-capture-video", "--exp-name", exp_name,
-               "--output-dir", runs, *config_flags(config, args)]
+               "--num-eval-envs", str(args.num_eval_envs), "--total-timesteps", str(args.total_timesteps),
+               "--no-capture-video", "--exp-name", exp_name, "--output-dir", runs, *shlex.split(args.ppo_flags),
+               *config_flags(config, args)]
     log_path = os.path.join(args.out, "logs", f"{exp_name}.log")
     record_path = os.path.join(args.out, "logs", f"{exp_name}.json")
     if not args.rerun and os.path.isfile(record_path):
