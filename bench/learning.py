@@ -178,7 +178,8 @@ def main():
             print(f"{config} expert alone (gain {gain}): success_once {alone[config]:.3f} "
                   f"on {args.expert_episodes} episodes", flush=True)
 
-    runs = [train(config, seed, args) for config in args.configs for seed in args.seeds]
+    # seed by seed, so that an interrupted bench already has every configuration
+    runs = [train(config, seed, args) for seed in args.seeds for config in args.configs]
 
     with open(os.path.join(args.out, "learning.csv"), "w", newline="") as f:
         writer = csv.writer(f)
