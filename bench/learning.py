@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import tyro
@@ -55,15 +56,17 @@ class Args:
     """training envs per run"""
     num_eval_envs: int = 32
     """eval envs per run: one episode each per eval"""
-    eval_freq: int = 25
-    """evaluate every this many iterations (of num_envs x 50 steps)"""
-    weak_ik_flags: str = ("--residual-scale 0.5 --init-logstd -2 --critic-warmup-iters 5 "
+    ppo_flags: str = "--num-steps 200 --num-minibatches 4 --eval-freq 6"
+    """ppo.py flags of every run: batches of 1600 env steps, an eval every 9600 env steps"""
+    weak_ik_flags: str = ("--residual-scale 0.5 --init-logstd -2 --critic-warmup-iters 2 "
                           "--residual-warmup-steps 50000")
     """ppo.py flags of the weak_ik configuration (residual techniques and scale)"""
-    ik_flags: str = "--residual-scale 0.2 --init-logstd -1 --critic-warmup-iters 5 --residual-warmup-steps 50000"
+    ik_flags: str = "--residual-scale 0.2 --init-logstd -2 --critic-warmup-iters 2 --residual-warmup-steps 50000"
     """ppo.py flags of the ik configuration (residual techniques and scale)"""
     expert_episodes: int = 200
     """episodes on which each IK expert is measured alone"""
+    train: bool = True
+    """if toggled off (--no-train), report only the runs already recorded in --out (e.g. while a bench runs)"""
     rerun: bool = False
     """if toggled, rerun every training run; otherwise a run already recorded in --out with the same
     command is reused (so an interrupted bench, or one with a configuration added, continues)"""
@@ -78,7 +81,12 @@ def config_flags(config: str, args: Args) -> list[str]:
 
 
 def expert_alone(gain: float, args: Args) -> float:
-    """success_once of the IK expert with a zero residual, in full episodes as ppo.py evaluates."""
+    """success_once of the IK expert with a zero residual, in full episodes as ppo.py evaluates
+    (recorded in --out like the runs, and reused unless --rerun)."""
+    record_path = os.path.join(args.out, "logs", f"expert_alone_gain{gain}_{args.expert_episodes}ep.json")
+    if not args.rerun and os.path.isfile(record_path):
+        with open(record_path) as f:
+            return json.load(f)["success_once"]
     env = util.make_env(ENV_ID, args.num_eval_envs, "cpu", ignore_terminations=True, control_mode=CONTROL_MODE)
     wrapped = util.ExpertResidualWrapper(env, experts.IKExpert(ENV_ID, CONTROL_MODE, gain))
     wrapped.reset(seed=12345)
@@ -89,7 +97,10 @@ def expert_alone(gain: float, args: Args) -> float:
             _, _, _, _, info = wrapped.step(zero)
         successes.append(info["final_info"]["episode"]["success_once"])
     wrapped.close()
-    return torch.cat(successes)[:args.expert_episodes].float().mean().item()
+    success_once = torch.cat(successes)[:args.expert_episodes].float().mean().item()
+    with open(record_path, "w") as f:
+        json.dump(dict(gain=gain, episodes=args.expert_episodes, success_once=success_once), f)
+    return success_once
 
 
 def eval_curve(run_dir: str) -> list[tuple[int, float]]:
@@ -100,14 +111,14 @@ def eval_curve(run_dir: str) -> list[tuple[int, float]]:
     return [(int(e.step), float(e.value)) for e in events.Scalars("eval/success_once")]
 
 
-def train(config: str, seed: int, args: Args) -> dict:
+def train(config: str, seed: int, args: Args) -> Optional[dict]:
     runs = os.path.join(args.out, "runs")
     exp_name = f"{config}_s{seed}"
     command = [sys.executable, os.path.join(ROOT, "ppo.py"), "--sim-backend", "cpu", "--env-id", ENV_ID,
                "--control-mode", CONTROL_MODE, "--seed", str(seed), "--num-envs", str(args.num_envs),
-               "--num-eval-envs", str(args.num_eval_envs), "--eval-freq", str(args.eval_freq),
-               "--total-timesteps", str(args.total_timesteps), "--no-capture-video", "--exp-name", exp_name,
-               "--output-dir", runs, *config_flags(config, args)]
+               "--num-eval-envs", str(args.num_eval_envs), "--total-timesteps", str(args.total_timesteps),
+               "--no-capture-video", "--exp-name", exp_name, "--output-dir", runs, *shlex.split(args.ppo_flags),
+               *config_flags(config, args)]
     log_path = os.path.join(args.out, "logs", f"{exp_name}.log")
     record_path = os.path.join(args.out, "logs", f"{exp_name}.json")
     if not args.rerun and os.path.isfile(record_path):
@@ -116,6 +127,8 @@ def train(config: str, seed: int, args: Args) -> dict:
         if record["command"] == shlex.join(command[1:]):
             print(f"{config} seed {seed}: reusing {record['run_dir']}", flush=True)
             return record
+    if not args.train:
+        return None
     print(f"[{time.strftime('%H:%M:%S')}] {config} seed {seed}: {shlex.join(command[1:])}", flush=True)
     start = time.time()
     # One OpenMP thread: on a machine shared with other jobs, a second thread spinning at every barrier
@@ -178,7 +191,8 @@ def main():
             print(f"{config} expert alone (gain {gain}): success_once {alone[config]:.3f} "
                   f"on {args.expert_episodes} episodes", flush=True)
 
-    runs = [train(config, seed, args) for config in args.configs for seed in args.seeds]
+    # seed by seed, so that an interrupted bench already has every configuration
+    runs = [run for seed in args.seeds for config in args.configs if (run := train(config, seed, args))]
 
     with open(os.path.join(args.out, "learning.csv"), "w", newline="") as f:
         writer = csv.writer(f)
@@ -196,12 +210,13 @@ def main():
         print(f"{run['config']:<9}{run['seed']:>5}{run['final']:>8.2f}{run['max']:>7.2f}{run['min']:>7.2f}"
               f"{str(run['first_step_at_0_9']):>14}{run['seconds'] / 60:>9.1f}")
     by_config = {c: [r for r in runs if r["config"] == c] for c in args.configs}
-    if "weak_ik" in by_config:
+    if by_config.get("weak_ik"):
+        summary["weak_ik_seeds"] = len(by_config["weak_ik"])
         summary["weak_ik_reaches_0.9_every_seed"] = all(r["first_step_at_0_9"] is not None for r in by_config["weak_ik"])
-    if "ik" in by_config:
-        worst = min(r["min"] for r in by_config["ik"])
-        summary["ik_worst_eval"] = worst
-        summary["ik_never_below_expert_minus_0.05"] = worst >= alone["ik"] - 0.05
+    if by_config.get("ik"):
+        summary["ik_seeds"] = len(by_config["ik"])
+        summary["ik_worst_eval"] = min(r["min"] for r in by_config["ik"])
+        summary["ik_never_below_expert_minus_0.05"] = summary["ik_worst_eval"] >= alone["ik"] - 0.05
     for target, value in summary.items():
         print(f"{target}: {value}")
     result = dict(env_id=ENV_ID, control_mode=CONTROL_MODE, args=vars(args), expert_alone=alone, targets=summary,
