@@ -102,7 +102,7 @@ class Args:
 
     # Residual techniques (README_Expert_Residual.md, "Residual techniques")
     init_logstd: float = -0.5
-    """initial log-std of the policy's actions (-1 for residual runs: start close to the expert)"""
+    """initial log-std of the policy's actions (-1 or lower for residual runs: exp(this) x scale reaches the env)"""
     residual_warmup_steps: int = 0
     """progressive exploration: each training env applies the residual with probability min(step / this, 1); 0: always"""
     critic_warmup_iters: int = 0
