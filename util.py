@@ -743,7 +743,14 @@ def check_fusion(fusion: str, num_experts: int) -> None:
 
 def fused_action(expert_actions: torch.Tensor, policy_action: torch.Tensor, residual_scale: float,
                  fusion: str = "mean", applied: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The executed action before clipping: ``base + residual_scale * residual``.
+    """The executed action before clipping: ``base + residual_scale * residual`` (see ``fused_parts``)."""
+    base, residual = fused_parts(expert_actions, policy_action, fusion, applied)
+    return base + residual_scale * residual
+
+
+def fused_parts(expert_actions: torch.Tensor, policy_action: torch.Tensor, fusion: str = "mean",
+                applied: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base action and the residual that ``fused_action`` combines.
 
     ``expert_actions`` is [N, E, A], one action per expert. ``policy_action`` is [N, A] (the residual),
     followed by E fusion logits with ``fusion="learned"``. The base is the experts' mean, or with
@@ -761,7 +768,7 @@ def fused_action(expert_actions: torch.Tensor, policy_action: torch.Tensor, resi
     if applied is not None:
         base = torch.where(applied[:, None], base, mean)
         residual = torch.where(applied[:, None], residual, torch.zeros_like(residual))
-    return base + residual_scale * residual
+    return base, residual
 
 
 @dataclass
@@ -918,13 +925,13 @@ class ExpertResidualWrapper:
             applied = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
         else:
             applied = torch.rand(self.num_envs, device=self.device) < self.residual_prob
-        action = fused_action(self.expert_actions, policy_action, self.residual_scale, self.fusion, applied)
+        base, applied_residual = fused_parts(self.expert_actions, policy_action, self.fusion, applied)
+        action = base + self.residual_scale * applied_residual
         if self.clip_final_action:
             action = torch.clamp(action, self.low, self.high)
         obs, reward, terminated, truncated, info = self.env.step(action)
         info["residual_applied"] = applied
         if self.track_action_stats:
-            base = fused_action(self.expert_actions, policy_action, 0.0, self.fusion, applied)
             residual = policy_action[:, :self.action_dim]
             expert_abs, residual_abs, final_abs = torch.stack([base, residual, action]).abs().mean((1, 2))
             info["action_stats"] = dict(expert=expert_abs, residual=residual_abs, final=final_abs)
