@@ -15,10 +15,13 @@ Measures, on one task with state observations and random actions:
                         cores are shared, so on 2 cores this measures the overhead of data parallelism)
 The training runs are interleaved --train-repeats times and each reports its median, so that drift in
 the machine's speed affects them alike.
+  policy_step_eager_us, policy_step_compiled_us  ppo_fast.py's rollout policy step (Agent.act) at --num-envs,
+                        one thread, eager and under torch.compile
 and, with one 128x128 camera (obs_mode="state_dict+rgb"), at --rgb-num-envs envs:
   rgb_single_env_sps, rgb_cpu_vec_sps, rgb_train_sps (ppo_rgb.py), rgb_buffer_bytes_per_env_step
 
-Prints a table, checks the targets, and writes JSON to --out.
+--sections picks a subset (env, train, policy, rgb). Prints a table, checks the targets whose figures
+were measured, and writes JSON to --out.
 """
 
 import json
@@ -27,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gymnasium as gym
 import torch
@@ -36,6 +39,9 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import util  # noqa: E402
 from experts import ZeroExpert  # noqa: E402
+
+
+SECTIONS = ("env", "train", "policy", "rgb")
 
 
 @dataclass
@@ -60,6 +66,9 @@ class Args:
     """env steps of the single-env RGB measurement (the vector one takes twice as many)"""
     rgb_train_timesteps: int = 1_600
     """env steps of the ppo_rgb.py run"""
+    sections: list[str] = field(default_factory=lambda: list(SECTIONS))
+    """what to measure: env (the backends), train (the four state training runs), policy (ppo_fast.py's
+    policy step, eager and compiled), rgb"""
 
 
 def timed_steps(step, num_steps: int, batch: int) -> float:
@@ -173,63 +182,109 @@ def rgb_cpu_vec_sps(args: Args) -> float:
     return sps
 
 
+def policy_step_us(args: Args) -> tuple[float, float]:
+    """Microseconds per rollout policy step of ppo_fast.py (Agent.act at --num-envs, one thread, as on the CPU
+    backend), eager and compiled, timed in alternating rounds."""
+    import ppo_fast
+
+    env = util.make_env(args.env_id, 1, "physx_cpu", control_mode=args.control_mode)
+    obs, _ = env.reset(seed=0)
+    action_dim = env.single_action_space.shape[0]
+    env.close()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    agent = ppo_fast.Agent(util.flat_state(obs).shape[1] + action_dim, action_dim)
+    x = torch.randn(args.num_envs, util.flat_state(obs).shape[1] + action_dim)
+    eager, compiled = agent.act, torch.compile(agent.act)
+    times = {eager: [], compiled: []}
+    with torch.no_grad(), tempfile.TemporaryDirectory() as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        compiled(x)
+        for _ in range(5):
+            for fn in times:
+                times[fn].append(timed_steps(lambda: fn(x), 2000, 1))  # calls per second
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    torch.set_num_threads(threads)
+    return tuple(1e6 / sorted(times[fn])[2] for fn in (eager, compiled))  # median
+
+
 def main():
     args = tyro.cli(Args)
-    kw = dict(control_mode=args.control_mode)
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"error: unknown sections {sorted(unknown)}; valid: {', '.join(SECTIONS)}")
     results = dict(cores=os.cpu_count(), num_envs=args.num_envs, env_id=args.env_id)
-    results["single_env_sps"] = single_env_sps(args)
-    results["cpu_vec_sps"], results["wrapped_zero_sps"] = vector_sps(
-        util.make_env(args.env_id, args.num_envs, "cpu", **kw), args)
-    results["maniskill_recipe_sps"] = maniskill_recipe_sps(args)
-    runs = dict(train=("ppo.py", (), 1), fast_train=("ppo_fast.py", (), 1),
-                fast_compiled_train=("ppo_fast.py", ("--compile",), 1), ddp2_train=("ppo.py", (), 2))
-    summaries = {name: [] for name in runs}
-    for _ in range(args.train_repeats):
-        for name, (script, extra, ranks) in runs.items():
-            summaries[name].append(train_sps(args, script, extra=extra, ranks=ranks)[1])
-    for name, runs_of_name in summaries.items():
-        median = sorted(runs_of_name, key=lambda s: s["train_sps"])[len(runs_of_name) // 2]
-        results[f"{name}_sps"] = median["train_sps"]
-        results[f"{name}_sps_all"] = [s["train_sps"] for s in runs_of_name]
-        results[f"{name}_seconds"] = median["seconds"]
-    # env steps/s of envs.step inside training: the policy's motions cost the simulator more than random ones
-    results["train_env_step_sps"] = args.train_timesteps / results["train_seconds"]["env_step"]
-    results["compile_seconds"] = results["fast_compiled_train_seconds"]["compile"]
-    results["ddp_all_reduce_bytes_per_gradient_step"] = all_reduce_bytes_per_step(args)
-    results["rgb_single_env_sps"] = rgb_single_env_sps(args)
-    results["rgb_cpu_vec_sps"] = rgb_cpu_vec_sps(args)
-    results["rgb_train_sps"], summary = train_sps(args, "ppo_rgb.py", args.rgb_num_envs, args.rgb_train_timesteps)
-    results["rgb_train_seconds"] = summary["seconds"]
-    results["rgb_buffer_bytes_per_env_step"] = summary["buffer_bytes_per_env_step"]
+    if "env" in args.sections:
+        results["single_env_sps"] = single_env_sps(args)
+        results["cpu_vec_sps"], results["wrapped_zero_sps"] = vector_sps(
+            util.make_env(args.env_id, args.num_envs, "cpu", control_mode=args.control_mode), args)
+        results["maniskill_recipe_sps"] = maniskill_recipe_sps(args)
+    if "train" in args.sections:
+        runs = dict(train=("ppo.py", (), 1), fast_train=("ppo_fast.py", (), 1),
+                    fast_compiled_train=("ppo_fast.py", ("--compile",), 1), ddp2_train=("ppo.py", (), 2))
+        summaries = {name: [] for name in runs}
+        for _ in range(args.train_repeats):
+            for name, (script, extra, ranks) in runs.items():
+                summaries[name].append(train_sps(args, script, extra=extra, ranks=ranks)[1])
+        for name, runs_of_name in summaries.items():
+            median = sorted(runs_of_name, key=lambda s: s["train_sps"])[len(runs_of_name) // 2]
+            results[f"{name}_sps"] = median["train_sps"]
+            results[f"{name}_sps_all"] = [s["train_sps"] for s in runs_of_name]
+            results[f"{name}_seconds"] = median["seconds"]
+        # env steps/s of envs.step inside training: the policy's motions cost the simulator more than random ones
+        results["train_env_step_sps"] = args.train_timesteps / results["train_seconds"]["env_step"]
+        results["compile_seconds"] = results["fast_compiled_train_seconds"]["compile"]
+        results["ddp_all_reduce_bytes_per_gradient_step"] = all_reduce_bytes_per_step(args)
+    if "policy" in args.sections:
+        results["policy_step_eager_us"], results["policy_step_compiled_us"] = policy_step_us(args)
+    if "rgb" in args.sections:
+        results["rgb_single_env_sps"] = rgb_single_env_sps(args)
+        results["rgb_cpu_vec_sps"] = rgb_cpu_vec_sps(args)
+        results["rgb_train_sps"], summary = train_sps(args, "ppo_rgb.py", args.rgb_num_envs,
+                                                      args.rgb_train_timesteps)
+        results["rgb_train_seconds"] = summary["seconds"]
+        results["rgb_buffer_bytes_per_env_step"] = summary["buffer_bytes_per_env_step"]
 
     r, cores = results, results["cores"]
-    targets = [
-        ("cpu_vec_sps >= 0.9 x cores x single_env_sps", r["cpu_vec_sps"] / (cores * r["single_env_sps"]), 0.9),
-        ("cpu_vec_sps >= 2.5 x maniskill_recipe_sps", r["cpu_vec_sps"] / r["maniskill_recipe_sps"], 2.5),
-        ("wrapped_zero_sps >= 0.97 x cpu_vec_sps", r["wrapped_zero_sps"] / r["cpu_vec_sps"], 0.97),
-        ("train_sps >= 0.75 x cpu_vec_sps", r["train_sps"] / r["cpu_vec_sps"], 0.75),
-        ("fast_train_sps >= 1.0 x train_sps", r["fast_train_sps"] / r["train_sps"], 1.0),
-        ("fast_compiled_train_sps >= 1.0 x train_sps", r["fast_compiled_train_sps"] / r["train_sps"], 1.0),
-        ("ddp2_train_sps / train_sps (reported, no target)", r["ddp2_train_sps"] / r["train_sps"], 0.0),
-        ("rgb_cpu_vec_sps >= 0.85 x cores x rgb_single_env_sps",
-         r["rgb_cpu_vec_sps"] / (cores * r["rgb_single_env_sps"]), 0.85),
-        ("rgb_train_sps >= 0.7 x rgb_cpu_vec_sps", r["rgb_train_sps"] / r["rgb_cpu_vec_sps"], 0.7),
+    targets = [  # (name, needed keys, ratio, threshold): checked where this run measured the keys
+        ("cpu_vec_sps >= 0.9 x cores x single_env_sps", ("cpu_vec_sps", "single_env_sps"),
+         lambda: r["cpu_vec_sps"] / (cores * r["single_env_sps"]), 0.9),
+        ("cpu_vec_sps >= 2.5 x maniskill_recipe_sps", ("cpu_vec_sps", "maniskill_recipe_sps"),
+         lambda: r["cpu_vec_sps"] / r["maniskill_recipe_sps"], 2.5),
+        ("wrapped_zero_sps >= 0.97 x cpu_vec_sps", ("wrapped_zero_sps", "cpu_vec_sps"),
+         lambda: r["wrapped_zero_sps"] / r["cpu_vec_sps"], 0.97),
+        ("train_sps >= 0.75 x cpu_vec_sps", ("train_sps", "cpu_vec_sps"), lambda: r["train_sps"] / r["cpu_vec_sps"], 0.75),
+        ("fast_train_sps >= 1.0 x train_sps", ("fast_train_sps",), lambda: r["fast_train_sps"] / r["train_sps"], 1.0),
+        ("fast_compiled_train_sps >= 1.0 x train_sps", ("fast_compiled_train_sps",),
+         lambda: r["fast_compiled_train_sps"] / r["train_sps"], 1.0),
+        ("ddp2_train_sps / train_sps (reported, no target)", ("ddp2_train_sps",),
+         lambda: r["ddp2_train_sps"] / r["train_sps"], 0.0),
+        ("rgb_cpu_vec_sps >= 0.85 x cores x rgb_single_env_sps", ("rgb_cpu_vec_sps",),
+         lambda: r["rgb_cpu_vec_sps"] / (cores * r["rgb_single_env_sps"]), 0.85),
+        ("rgb_train_sps >= 0.7 x rgb_cpu_vec_sps", ("rgb_train_sps",), lambda: r["rgb_train_sps"] / r["rgb_cpu_vec_sps"], 0.7),
     ]
     print(f"\n{args.env_id}, state, {args.control_mode}, {args.num_envs} envs, {cores} cores")
     print(f"{'measurement':<24}{'env steps/s':>14}")
     for key in ("single_env_sps", "cpu_vec_sps", "maniskill_recipe_sps", "wrapped_zero_sps", "train_sps",
                 "train_env_step_sps", "fast_train_sps", "fast_compiled_train_sps", "ddp2_train_sps", "rgb_single_env_sps",
                 "rgb_cpu_vec_sps", "rgb_train_sps"):
-        print(f"{key:<24}{r[key]:>14.1f}")
-    print(f"compile_seconds {r['compile_seconds']:.1f} (ppo_fast.py --compile, empty inductor cache)")
-    print(f"ddp all-reduce per gradient step: {r['ddp_all_reduce_bytes_per_gradient_step']} bytes per rank")
-    print(f"rgb_buffer_bytes_per_env_step {r['rgb_buffer_bytes_per_env_step']:.0f} "
-          f"(image {128 * 128 * 3} bytes; RGB rows: 128x128 camera, {args.rgb_num_envs} envs)")
+        if key in r:
+            print(f"{key:<24}{r[key]:>14.1f}")
+    if "compile_seconds" in r:
+        print(f"compile_seconds {r['compile_seconds']:.1f} (ppo_fast.py --compile, empty inductor cache)")
+        print(f"ddp all-reduce per gradient step: {r['ddp_all_reduce_bytes_per_gradient_step']} bytes per rank")
+    if "policy_step_eager_us" in r:
+        print(f"ppo_fast.py policy step at {args.num_envs} envs, one thread: {r['policy_step_eager_us']:.0f} us eager, "
+              f"{r['policy_step_compiled_us']:.0f} us compiled")
+    if "rgb_buffer_bytes_per_env_step" in r:
+        print(f"rgb_buffer_bytes_per_env_step {r['rgb_buffer_bytes_per_env_step']:.0f} "
+              f"(image {128 * 128 * 3} bytes; RGB rows: 128x128 camera, {args.rgb_num_envs} envs)")
     print(f"\n{'target':<56}{'ratio':>8}  met")
     results["targets"] = {}
-    for name, ratio, need in targets:
-        print(f"{name:<56}{ratio:>8.2f}  {'yes' if ratio >= need else 'NO'}")
-        results["targets"][name] = dict(ratio=ratio, met=ratio >= need)
+    for name, keys, ratio, need in targets:
+        if all(k in r for k in keys):
+            print(f"{name:<56}{ratio():>8.2f}  {'yes' if ratio() >= need else 'NO'}")
+            results["targets"][name] = dict(ratio=ratio(), met=ratio() >= need)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

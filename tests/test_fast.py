@@ -22,6 +22,8 @@ from conftest import ROOT, TINY, run_script
 from test_reliability import ENDLESS, assert_gone, children, load, wait_for
 
 CUDA_NOTICE = "CUDA graphs need a CUDA device; continuing without them"
+COMPILE_LINE = "compiled the policy step, value, GAE and update in" if torch.cuda.is_available() \
+    else "compiled GAE and the update (the per-step policy and value stay eager on the CPU) in"
 
 
 def random_rollout(num_steps=16, num_envs=6, seed=0):
@@ -51,6 +53,33 @@ def test_gae_matches_ppo_eager_and_compiled():
         torch.testing.assert_close(out["advantages"], advantages, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(out["returns"], returns, rtol=1e-6, atol=1e-6)
     assert advantages.abs().min() > 0, "every step carries an advantage"
+
+
+def state_and_rgb_agents(batch):
+    """(agent, observations) for ppo_fast.py's and ppo_rgb_fast.py's networks, with per-dimension log-stds."""
+    import ppo_rgb_fast
+
+    state = ppo_fast.Agent(12, 4)
+    rgb = ppo_rgb_fast.Agent((64, 64, 3), 12, 4)
+    for agent in (state, rgb):
+        agent.actor_logstd.data = torch.tensor([[-1.5, -0.5, 0.0, 0.4]])
+    rgb_obs = dict(rgb=torch.randint(0, 256, (batch, 64, 64, 3), dtype=torch.uint8), state=torch.randn(batch, 12))
+    return [(state, torch.randn(batch, 12)), (rgb, rgb_obs)]
+
+
+def test_act_samples_the_distribution_get_action_and_value_scores():
+    """The rollout's lean policy step: its log-probability and value are those the update recomputes, and its
+    samples follow the policy's Gaussian."""
+    torch.manual_seed(0)
+    for agent, obs in state_and_rgb_agents(batch=2048):
+        with torch.no_grad():
+            action, logprob, value = agent.act(obs)
+            _, ref_logprob, _, ref_value = agent.get_action_and_value(obs, action)
+            mean = agent.get_action(obs, deterministic=True)
+        torch.testing.assert_close(logprob, ref_logprob, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(value, ref_value)
+        z = (action - mean) / agent.actor_logstd.exp()
+        assert z.mean(0).abs().max() < 0.1 and (z.std(0) - 1).abs().max() < 0.06, (z.mean(0), z.std(0))
 
 
 def test_compiled_update_matches_eager():
@@ -94,7 +123,7 @@ def test_ppo_fast_compile_cudagraphs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     if not torch.cuda.is_available():
         assert proc.stdout.count(CUDA_NOTICE) == 1
-    assert "compiled the policy step, value, GAE and update in" in proc.stdout
+    assert COMPILE_LINE in proc.stdout
     assert "eval @ 32 steps: success_once=" in proc.stdout
     (ckpt,) = glob.glob(str(tmp_path / "*" / "final_ckpt.pt"))
     payload = torch.load(ckpt, weights_only=True)
@@ -116,7 +145,7 @@ def test_ppo_rgb_fast_compile_on_cpu(tmp_path):
     proc = run_script("ppo_rgb_fast.py", [*TINY, "--compile", "--no-capture-video", "--camera-width", "64",
                                           "--camera-height", "64", "--output-dir", str(tmp_path)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled the policy step, value, GAE and update in" in proc.stdout
+    assert COMPILE_LINE in proc.stdout
     (ckpt,) = glob.glob(str(tmp_path / "*" / "final_ckpt.pt"))
     payload = torch.load(ckpt, weights_only=True)
     assert payload["meta"]["network"] == "cnn-rgb-state" and payload["meta"]["rgb_shape"] == [64, 64, 3]
