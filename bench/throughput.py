@@ -191,21 +191,20 @@ def policy_step_us(args: Args) -> tuple[float, float]:
     obs, _ = env.reset(seed=0)
     action_dim = env.single_action_space.shape[0]
     env.close()
+    obs_dim = util.flat_state(obs).shape[1] + action_dim  # the state, then the expert action
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    agent = ppo_fast.Agent(util.flat_state(obs).shape[1] + action_dim, action_dim)
-    x = torch.randn(args.num_envs, util.flat_state(obs).shape[1] + action_dim)
-    eager, compiled = agent.act, torch.compile(agent.act)
-    times = {eager: [], compiled: []}
-    with torch.no_grad(), tempfile.TemporaryDirectory() as cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-        compiled(x)
+    agent = ppo_fast.Agent(obs_dim, action_dim)
+    x = torch.randn(args.num_envs, obs_dim)
+    fns = dict(eager=agent.act, compiled=torch.compile(agent.act))
+    calls_per_second = {name: [] for name in fns}
+    with torch.no_grad():
+        fns["compiled"](x)  # compiles
         for _ in range(5):
-            for fn in times:
-                times[fn].append(timed_steps(lambda: fn(x), 2000, 1))  # calls per second
-        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+            for name, fn in fns.items():
+                calls_per_second[name].append(timed_steps(lambda: fn(x), 2000, 1))
     torch.set_num_threads(threads)
-    return tuple(1e6 / sorted(times[fn])[2] for fn in (eager, compiled))  # median
+    return tuple(1e6 / sorted(calls_per_second[name])[2] for name in fns)  # medians
 
 
 def main():
