@@ -542,7 +542,8 @@ def main():
         if rollout_threads:
             torch.set_num_threads(rollout_threads)
         with torch.no_grad():
-            policy(next_obs)
+            if compile_policy:
+                policy(next_obs)
             advantage_fn(get_value(next_obs).flatten(), next_done, container)
         if update_threads:
             torch.set_num_threads(update_threads)
