@@ -138,7 +138,7 @@ def train(config: str, seed: int, args: Args) -> Optional[dict]:
         proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     seconds = time.time() - start
     if proc.returncode != 0:
-        raise SystemExit(f"{exp_name} failed (exit code {proc.returncode}); see {log_path}")
+        raise util.FatalError(f"{exp_name} failed (exit code {proc.returncode}); see {log_path}")
     run_dir = max((os.path.join(runs, d) for d in os.listdir(runs) if d.startswith(f"{ENV_ID}__{exp_name}__")),
                   key=os.path.getmtime)
     curve = eval_curve(run_dir)
@@ -180,7 +180,7 @@ def main():
     args = tyro.cli(Args)
     unknown = set(args.configs) - {"zero", "weak_ik", "ik"}
     if unknown:
-        raise SystemExit(f"error: unknown configurations {sorted(unknown)}; valid: zero, weak_ik, ik")
+        raise util.UsageError(f"unknown configurations {sorted(unknown)}; valid: zero, weak_ik, ik")
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     bench_start = time.time()
 
@@ -229,4 +229,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    util.run_cli(main)

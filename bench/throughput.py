@@ -212,7 +212,7 @@ def main():
     args = tyro.cli(Args)
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
-        raise SystemExit(f"error: unknown sections {sorted(unknown)}; valid: {', '.join(SECTIONS)}")
+        raise util.UsageError(f"unknown sections {sorted(unknown)}; valid: {', '.join(SECTIONS)}")
     results = dict(cores=os.cpu_count(), num_envs=args.num_envs, env_id=args.env_id)
     if "env" in args.sections:
         results["single_env_sps"] = single_env_sps(args)
@@ -295,4 +295,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    util.run_cli(main)
