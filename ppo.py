@@ -6,6 +6,7 @@ otherwise on a multi-process CPU backend (see util.py). CleanRL style: one file,
 """
 
 import json
+import math
 import os
 import random
 import time
@@ -175,6 +176,17 @@ class Agent(nn.Module):
         if deterministic:
             return action_mean
         return Normal(action_mean, torch.exp(self.actor_logstd.expand_as(action_mean))).sample()
+
+    def act(self, x):
+        """The rollout's policy step: the sampled action, its log-probability and the value, bit for bit as
+        get_action_and_value gives them, without a distribution object or an entropy."""
+        action_mean = self.actor_mean(x)
+        action_std = torch.exp(self.actor_logstd.expand_as(action_mean))
+        action = action_mean + action_std * torch.randn_like(action_mean)
+        # Normal.log_prob's own expression, so that the update's first ratios are exactly 1
+        logprob = -((action - action_mean) ** 2) / (2 * action_std**2) - action_std.log() \
+            - math.log(math.sqrt(2 * math.pi))
+        return action, logprob.sum(1), self.critic(x)
 
     def get_action_and_value(self, x, action=None):
         action_mean = self.actor_mean(x)
@@ -456,7 +468,7 @@ def main():
             obs_buf[step] = next_obs
             dones[step] = next_done
             with torch.no_grad():
-                action, logprob, _, value = agent.get_action_and_value(next_obs)
+                action, logprob, value = agent.act(next_obs)
             values[step] = value.flatten()
             actions[step] = action
             logprobs[step] = logprob

@@ -702,7 +702,9 @@ def flat_state(obs: dict) -> torch.Tensor:
     """The policy observation of the state scripts: ManiSkill's ``state`` obs, i.e. the ``state_dict``
     leaves in order, each flattened per env and cast to float (what ``common.flatten_state_dict`` gives)."""
     leaves = _flatten_paths(obs).values()
-    return torch.cat([leaf.reshape(leaf.shape[0], -1).float() for leaf in leaves], dim=1)
+    # most leaves are [N, D] float32 already: this runs every step, so they skip the two no-op calls
+    return torch.cat([leaf if leaf.dim() == 2 and leaf.dtype == torch.float32
+                      else leaf.reshape(leaf.shape[0], -1).float() for leaf in leaves], dim=1)
 
 
 def image_policy_obs(env, include_state: bool = True) -> Callable[[dict], dict]:
@@ -921,16 +923,16 @@ class ExpertResidualWrapper:
 
     def step(self, policy_action: torch.Tensor):
         policy_action = policy_action.to(self.device)
-        if self.residual_prob >= 1.0:  # no coin flips then, so runs without warm-up draw no extra randomness
-            applied = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
-        else:
-            applied = torch.rand(self.num_envs, device=self.device) < self.residual_prob
+        # every env applies its residual unless progressive exploration flips coins (which draws randomness)
+        applied = None if self.residual_prob >= 1.0 else \
+            torch.rand(self.num_envs, device=self.device) < self.residual_prob
         base, applied_residual = fused_parts(self.expert_actions, policy_action, self.fusion, applied)
         action = base + self.residual_scale * applied_residual
         if self.clip_final_action:
             action = torch.clamp(action, self.low, self.high)
         obs, reward, terminated, truncated, info = self.env.step(action)
-        info["residual_applied"] = applied
+        info["residual_applied"] = torch.ones(self.num_envs, dtype=torch.bool, device=self.device) \
+            if applied is None else applied
         if self.track_action_stats:
             residual = policy_action[:, :self.action_dim]
             expert_abs, residual_abs, final_abs = torch.stack([base, residual, action]).abs().mean((1, 2))

@@ -1,4 +1,5 @@
-"""ppo.py end to end on the CPU backend: train, checkpoint, tensorboard, video, --evaluate, bad input."""
+"""ppo.py end to end on the CPU backend: train, checkpoint, tensorboard, video, --evaluate, bad input; and its
+rollout policy step."""
 
 import glob
 import json
@@ -7,11 +8,30 @@ import os
 import pytest
 import torch
 
+import ppo
 from conftest import TINY, run_script
 
 
 def run(args, cwd):
     return run_script("ppo.py", args, cwd)
+
+
+def test_act_is_get_action_and_value_bit_for_bit():
+    """The rollout samples with Agent.act and the update rescores with get_action_and_value. Under one seed they
+    give the same action, log-probability and value to the last bit, so the first update's ratios are exactly 1."""
+    torch.manual_seed(0)
+    agent = ppo.Agent(obs_dim=20, action_dim=4)
+    with torch.no_grad():
+        agent.actor_logstd.copy_(torch.tensor([[-1.3, -0.5, 0.0, 0.4]]))  # a different std per dimension
+    obs = torch.randn(64, 20)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        action, logprob, _, value = agent.get_action_and_value(obs)
+        torch.manual_seed(1)
+        lean = agent.act(obs)
+    for name, got, want in zip(("action", "logprob", "value"), lean, (action, logprob, value)):
+        assert torch.equal(got, want), name
+    assert action.std(0).argsort().tolist() == [0, 1, 2, 3]  # the per-dimension stds are applied
 
 
 def test_training_writes_checkpoint_events_and_video(trained):
