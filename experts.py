@@ -163,7 +163,9 @@ class DifferentialIK:
     def __call__(self, qpos: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
         jac = self.chain.jacobian(qpos[:, :7])[:, :3]  # positional rows, [N, 3, 7]
         jjt = jac @ jac.transpose(1, 2) + self.damping ** 2 * torch.eye(3, device=qpos.device)
-        return (jac.transpose(1, 2) @ torch.linalg.solve(jjt, displacement[:, :, None]))[:, :, 0]
+        # solve_ex: solve's error check would make every call wait for the GPU; damping keeps jjt invertible
+        step = torch.linalg.solve_ex(jjt, displacement[:, :, None])[0]
+        return (jac.transpose(1, 2) @ step)[:, :, 0]
 
 
 class IKExpert:

@@ -142,6 +142,11 @@ class Args:
     """stop an update early when the approximate KL exceeds this"""
     eval_freq: int = 25
     """evaluate (and checkpoint) every this many iterations"""
+    eval_reconfiguration_freq: int = 1
+    """eval envs rebuild their scenes every this many resets, as ManiSkill's baselines do (tasks that randomise assets
+    do it there); 0: never"""
+    verbose: bool = False
+    """if toggled, print where each iteration's time went (on a GPU, synchronising it so that the figures are true)"""
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
@@ -227,6 +232,8 @@ def check_args(args: Args) -> None:
         raise util.UsageError("--evaluate needs --checkpoint PATH")
     if args.evaluate and args.resume:
         raise util.UsageError("--evaluate and --resume exclude each other: evaluate a checkpoint, or resume its run")
+    if args.eval_reconfiguration_freq < 0:
+        raise util.UsageError(f"--eval-reconfiguration-freq must be >= 0 (0: never), got {args.eval_reconfiguration_freq}")
     if args.keep_checkpoints < 0:
         raise util.UsageError(f"--keep-checkpoints must be >= 0, got {args.keep_checkpoints}")
     if args.num_envs < 1 or args.num_eval_envs < 1:
@@ -251,8 +258,10 @@ def main():
     args = tyro.cli(Args)
     if args.resume:  # the run's own arguments, overridden by the flags given now
         args = tyro.cli(Args, default=Args(**util.resume_args(args.checkpoint, Args)))
-    distributed = util.init_distributed()  # under torchrun: this rank's place; otherwise a single process
     backend = util.resolve_sim_backend(args.sim_backend)
+    # under torchrun: this rank's place (its GPU, or its share of the cores); otherwise a single process
+    distributed = util.init_distributed(cuda_training=args.cuda and torch.cuda.is_available(),
+                                        gpu_simulation=backend == "gpu")
     cores = util.available_cores()
     if args.num_envs is None:
         args.num_envs = 512 if backend == "gpu" else 4 * cores
@@ -302,7 +311,8 @@ def main():
                       restart_dead_workers=args.restart_dead_workers)
     envs = eval_envs = None
     if distributed.is_main:
-        eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True, **env_kwargs)
+        eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True,
+                                   reconfiguration_freq=args.eval_reconfiguration_freq, **env_kwargs)
     if not args.evaluate:
         envs = util.make_env(args.env_id, args.num_envs, ignore_terminations=not args.partial_reset, **env_kwargs)
     expert = experts.make_experts(args.expert_type, args.env_id, envs if eval_envs is None else eval_envs,
@@ -335,7 +345,9 @@ def main():
     else:
         run_dir = os.path.join(args.output_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
     run_name = os.path.basename(run_dir)
-    video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
+    # a GPU simulation without NVIDIA's Vulkan driver trains unrendered (util.render_backend said so)
+    video_dir = os.path.join(run_dir, "videos") if args.capture_video and eval_envs is not None \
+        and eval_envs.can_render else None
     if distributed.is_main:
         os.makedirs(run_dir, exist_ok=True)
         if args.track:
@@ -378,21 +390,18 @@ def main():
     def evaluate(global_step: int) -> dict:
         agent.eval()
         obs, _ = eval_envs.reset()
-        episodes, frames = defaultdict(list), []
+        episodes, frames = util.EpisodeMetrics(), []
         for _ in range(num_eval_steps):
             with torch.no_grad():
                 action = agent.get_action(obs.to(device), deterministic=True)
             obs, _, _, _, info = eval_envs.step(action)
             if video_dir:
                 frames.append(eval_envs.render())
-            if "final_info" in info:
-                mask = info["_final_info"]
-                for k, v in info["final_info"]["episode"].items():
-                    episodes[k].append(v[mask].float())
+            episodes.add(info)
         if frames:
             util.save_video(frames, os.path.join(video_dir, f"eval_{global_step}.mp4"))
         agent.train()
-        return {k: torch.cat(v).mean().item() for k, v in episodes.items()}
+        return episodes.means()
 
     def eval_line(metrics: dict, global_step: int) -> str:
         return f"eval @ {global_step} steps: " + " ".join(
@@ -417,7 +426,10 @@ def main():
     residual_applied = torch.ones((args.num_steps, args.num_envs), device=device)  # progressive exploration's coin
 
     iterations_done, global_step, last_eval = 0, 0, {}
-    seconds = dict(rollout=0.0, env_step=0.0, update=0.0)  # training time, evaluation excluded
+    timer = util.PhaseTimer(device, sync=args.verbose)  # seconds per phase; --verbose prints them per iteration
+    if envs is not None:
+        envs.timer = timer
+    train_metrics = util.EpisodeMetrics()  # the training episodes that ended, logged once per iteration
     next_obs = obs
     if resume is not None:  # ---- resume: counters, this rank's envs and seed streams, then its random streams ----
         own = resume if distributed.is_main else resume["other_ranks"][distributed.rank - 1]
@@ -447,16 +459,17 @@ def main():
         schedule.apply(global_step, train=envs, evaluation=eval_envs)  # residual scale and probability
         # ---- eval ----
         if distributed.is_main and (iteration - 1) % args.eval_freq == 0 and not stop.requested:
-            last_eval = evaluate(global_step)
+            with timer("eval"):
+                last_eval = evaluate(global_step)
             for k, v in last_eval.items():
                 writer.add_scalar(f"eval/{k}", v, global_step)
             progress.write(eval_line(last_eval, global_step))
 
-        iteration_start = time.time()
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
 
         # ---- rollout ----
+        timer.start("rollout")
         final_values.zero_()
         action_stats = defaultdict(float)  # summed as tensors; read once per iteration
         for step in range(args.num_steps):
@@ -467,30 +480,27 @@ def main():
             global_step += args.num_envs * distributed.world_size
             obs_buf[step] = next_obs
             dones[step] = next_done
-            with torch.no_grad():
+            with timer("policy"), torch.no_grad():
                 action, logprob, value = agent.act(next_obs)
             values[step] = value.flatten()
             actions[step] = action
             logprobs[step] = logprob
 
-            env_step_start = time.time()
-            next_obs, reward, terminations, truncations, infos = envs.step(action)
-            seconds["env_step"] += time.time() - env_step_start
+            with timer("env_step"):  # the wrapper's experts included
+                next_obs, reward, terminations, truncations, infos = envs.step(action)
             next_obs = next_obs.to(device)
             next_done = (terminations | truncations).to(device, torch.float32)
             rewards[step] = reward.to(device).view(-1) * args.reward_scale
             residual_applied[step] = infos["residual_applied"].to(device)
             for k, v in infos.get("action_stats", {}).items():
                 action_stats[k] += v / args.num_steps
+            if distributed.is_main:
+                train_metrics.add(infos)
             if "final_info" in infos:
-                done_mask = infos["_final_info"]
-                for k, v in infos["final_info"]["episode"].items():
-                    if distributed.is_main:
-                        writer.add_scalar(f"train/{k}", v[done_mask].float().mean().item(), global_step)
                 # Bootstrap every finished episode from its last observation. Truncations need it; so do
                 # ManiSkill's terminations, which mark success: without it, ending an episode by succeeding
                 # would forfeit the dense reward still to come, and PPO would learn to avoid success.
-                bootstrap = done_mask.to(device)
+                bootstrap = infos["_final_info"].to(device)
                 with torch.no_grad():
                     final_obs = infos["final_observation"].to(device)
                     final_values[step, bootstrap] = agent.get_value(final_obs[bootstrap]).flatten()
@@ -498,16 +508,16 @@ def main():
         if stop.requested and not distributed.enabled:
             break
         util.check_finite(iteration, run_dir, observations=obs_buf, rewards=rewards)
-        seconds["rollout"] += time.time() - iteration_start
-        update_start = time.time()
+        timer.stop("rollout")
 
         # ---- advantage (GAE) ----
-        with torch.no_grad():
+        with timer("advantage"), torch.no_grad():
             next_value = agent.get_value(next_obs).reshape(1, -1)
             advantages, returns = gae(rewards, values, dones, final_values, next_value, next_done,
                                       args.gamma, args.gae_lambda)
 
         # ---- update ----
+        timer.start("update")
         if update_threads:
             torch.set_num_threads(update_threads)
         b_obs = obs_buf.reshape((-1, obs_dim))
@@ -566,7 +576,7 @@ def main():
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
         util.check_finite(iteration, run_dir, loss=loss_sum, gradients=grad_norm_sum)
-        seconds["update"] += time.time() - update_start
+        timer.stop("update")
         if distributed.enabled:  # the ranks must hold the same weights after every update
             parameter_hashes.append(distributed.parameter_hashes(agent))
             if len(set(parameter_hashes[-1])) != 1:
@@ -582,7 +592,11 @@ def main():
             continue
 
         # ---- log ----
-        sps = int((global_step - steps_at_start) / (seconds["rollout"] + seconds["update"]))
+        sps = int((global_step - steps_at_start) / timer.training_seconds())
+        if args.verbose:
+            progress.write(f"iteration {iteration}: {timer.since_last_report()}")
+        for k, v in train_metrics.means().items():
+            writer.add_scalar(f"train/{k}", v, global_step)
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
@@ -600,7 +614,7 @@ def main():
         writer.add_scalar("charts/residual_scale", envs.residual_scale, global_step)
         writer.add_scalar("charts/residual_prob", envs.residual_prob, global_step)
         writer.add_scalar("charts/worker_restarts", envs.env.worker_restarts, global_step)
-        for k, v in seconds.items():
+        for k, v in timer.seconds.items():
             writer.add_scalar(f"time/{k}_seconds", v, global_step)
         progress.set_postfix(SPS=sps, eval_success=f"{last_eval.get('success_once', float('nan')):.2f}")
 
@@ -629,8 +643,9 @@ def main():
     if distributed.is_main:
         if args.save_model:
             print(f"saved {run_dir}/final_ckpt.pt")
-        train_sps = (global_step - steps_at_start) / (seconds["rollout"] + seconds["update"])
-        summary = dict(global_step=global_step, train_sps=train_sps, seconds=seconds, eval=last_eval)
+        train_sps = (global_step - steps_at_start) / timer.training_seconds()
+        summary = dict(global_step=global_step, train_sps=train_sps, seconds=timer.seconds, eval=last_eval,
+                       **util.peak_gpu_memory(device))
         if distributed.enabled:
             summary.update(world_size=distributed.world_size, parameter_hashes=parameter_hashes)
         with open(os.path.join(run_dir, "summary.json"), "w") as f:

@@ -148,9 +148,14 @@ class Args:
     max_grad_norm: float = 0.5
     """the maximum norm for gradient clipping"""
     target_kl: Optional[float] = 0.1
-    """stop an epoch after the minibatch whose approximate KL exceeds this"""
+    """stop an update early when the approximate KL exceeds this"""
     eval_freq: int = 25
     """evaluate (and checkpoint) every this many iterations"""
+    eval_reconfiguration_freq: int = 1
+    """eval envs rebuild their scenes every this many resets, as ManiSkill's baselines do (tasks that randomise assets
+    do it there); 0: never"""
+    verbose: bool = False
+    """if toggled, print where each iteration's time went (on a GPU, synchronising it so that the figures are true)"""
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
@@ -226,10 +231,13 @@ def gae(next_value, next_done, container, gamma: float, gae_lambda: float):
 
 
 def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args, actor_loss_weight: torch.Tensor,
-                distributed: util.Distributed = util.Distributed()) -> TensorDictModule:
+                step_enabled: torch.Tensor, distributed: util.Distributed = util.Distributed()) -> TensorDictModule:
     """One PPO gradient step on a minibatch, as a TensorDictModule so it compiles and graphs as a whole.
     ``actor_loss_weight`` (0-dim, 1 or 0) weighs the policy and entropy terms: 0 during critic warm-up.
-    Under torchrun the gradients are averaged over the ranks before clipping."""
+    ``step_enabled`` (0-dim bool) lets the optimizer step happen (util.step_where). The update clears it when the
+    minibatch's approximate KL exceeds --target-kl: that minibatch and the rest of the update then leave the
+    weights and Adam's state as they are, which is ppo.py's early stop, decided without waiting for the GPU.
+    Under torchrun the KL and the gradients are averaged over the ranks, so that the ranks decide alike."""
 
     def update(obs, actions, logprobs, advantages, returns, vals, residual_applied):
         optimizer.zero_grad()
@@ -238,8 +246,10 @@ def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args, actor_loss
         ratio = logratio.exp()
         with torch.no_grad():
             old_approx_kl = (-logratio).mean()
-            approx_kl = ((ratio - 1) - logratio).mean()
+            approx_kl = distributed.mean(((ratio - 1) - logratio).mean())
             clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+            if args.target_kl is not None:
+                step_enabled.logical_and_(approx_kl <= args.target_kl)
 
         if args.norm_adv:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
@@ -264,7 +274,7 @@ def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args, actor_loss
         loss.backward()
         distributed.average_gradients(agent)
         grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-        optimizer.step()
+        util.step_where(optimizer, step_enabled)
         return approx_kl, v_loss.detach(), pg_loss.detach(), entropy_loss.detach(), old_approx_kl, clipfrac, grad_norm
 
     return TensorDictModule(
@@ -283,6 +293,8 @@ def check_args(args: Args) -> None:
         raise util.UsageError("--evaluate needs --checkpoint PATH")
     if args.evaluate and args.resume:
         raise util.UsageError("--evaluate and --resume exclude each other: evaluate a checkpoint, or resume its run")
+    if args.eval_reconfiguration_freq < 0:
+        raise util.UsageError(f"--eval-reconfiguration-freq must be >= 0 (0: never), got {args.eval_reconfiguration_freq}")
     if args.keep_checkpoints < 0:
         raise util.UsageError(f"--keep-checkpoints must be >= 0, got {args.keep_checkpoints}")
     if args.num_envs < 1 or args.num_eval_envs < 1:
@@ -307,8 +319,10 @@ def main():
     args = tyro.cli(Args)
     if args.resume:  # the run's own arguments, overridden by the flags given now
         args = tyro.cli(Args, default=Args(**util.resume_args(args.checkpoint, Args)))
-    distributed = util.init_distributed()  # under torchrun: this rank's place; otherwise a single process
     backend = util.resolve_sim_backend(args.sim_backend)
+    # under torchrun: this rank's place (its GPU, or its share of the cores); otherwise a single process
+    distributed = util.init_distributed(cuda_training=args.cuda and torch.cuda.is_available(),
+                                        gpu_simulation=backend == "gpu")
     cores = util.available_cores()
     if args.num_envs is None:
         args.num_envs = 512 if backend == "gpu" else 4 * cores
@@ -366,7 +380,8 @@ def main():
                       restart_dead_workers=args.restart_dead_workers)
     envs = eval_envs = None
     if distributed.is_main:
-        eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True, **env_kwargs)
+        eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True,
+                                   reconfiguration_freq=args.eval_reconfiguration_freq, **env_kwargs)
     if not args.evaluate:
         envs = util.make_env(args.env_id, args.num_envs, ignore_terminations=not args.partial_reset, **env_kwargs)
     expert = experts.make_experts(args.expert_type, args.env_id, envs if eval_envs is None else eval_envs,
@@ -403,13 +418,14 @@ def main():
     # Critic warm-up: 0 for the first --critic-warmup-iters iterations, then 1; set in place with fill_, so the
     # compiled or graphed update that closes over it never retraces
     actor_loss_weight = torch.ones((), device=device)
+    step_enabled = torch.ones((), dtype=torch.bool, device=device)  # the optimizer steps while True (make_update)
     actor_params = [p for name, p in agent.named_parameters() if not name.startswith("critic.")]
 
     # ---- executables: eager, compiled, graphed ----
     policy = agent_inference.act
     get_value = agent_inference.get_value
     advantage_fn = functools.partial(gae, gamma=args.gamma, gae_lambda=args.gae_lambda)
-    update = make_update(agent, optimizer, args, actor_loss_weight, distributed)
+    update = make_update(agent, optimizer, args, actor_loss_weight, step_enabled, distributed)
     # On the CPU the per-step calls stay eager: at a few envs per call, a compiled function's call overhead
     # (about 50 us measured) exceeds what its fused kernels save; on CUDA fusion and fewer launches win.
     compile_policy = args.compile and device.type == "cuda"
@@ -428,7 +444,9 @@ def main():
     else:
         run_dir = os.path.join(args.output_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
     run_name = os.path.basename(run_dir)
-    video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
+    # a GPU simulation without NVIDIA's Vulkan driver trains unrendered (util.render_backend said so)
+    video_dir = os.path.join(run_dir, "videos") if args.capture_video and eval_envs is not None \
+        and eval_envs.can_render else None
     if distributed.is_main:
         os.makedirs(run_dir, exist_ok=True)
         if args.track:
@@ -472,20 +490,17 @@ def main():
 
     def evaluate(global_step: int) -> dict:
         obs, _ = eval_envs.reset()
-        episodes, frames = defaultdict(list), []
+        episodes, frames = util.EpisodeMetrics(), []
         for _ in range(num_eval_steps):
             with torch.no_grad():
                 action = agent_inference.get_action(obs.to(device), deterministic=True)
             obs, _, _, _, info = eval_envs.step(action)
             if video_dir:
                 frames.append(eval_envs.render())
-            if "final_info" in info:
-                mask = info["_final_info"]
-                for k, v in info["final_info"]["episode"].items():
-                    episodes[k].append(v[mask].float())
+            episodes.add(info)
         if frames:
             util.save_video(frames, os.path.join(video_dir, f"eval_{global_step}.mp4"))
-        return {k: torch.cat(v).mean().item() for k, v in episodes.items()}
+        return episodes.means()
 
     def eval_line(metrics: dict, global_step: int) -> str:
         return f"eval @ {global_step} steps: " + " ".join(
@@ -515,7 +530,10 @@ def main():
     )
 
     iterations_done, global_step, last_eval = 0, 0, {}
-    seconds = dict(rollout=0.0, env_step=0.0, update=0.0)  # training time, evaluation and compilation excluded
+    timer = util.PhaseTimer(device, sync=args.verbose)  # seconds per phase; --verbose prints them per iteration
+    if envs is not None:
+        envs.timer = timer
+    train_metrics = util.EpisodeMetrics()  # the training episodes that ended, logged once per iteration
     next_obs = obs.to(device)
     next_done = torch.zeros(args.num_envs, device=device)
     parameter_hashes = []  # under torchrun: per iteration, the hash of every rank's weights
@@ -523,7 +541,7 @@ def main():
     # ---- compile: trace every compiled function once now, at the run's shapes, so training time excludes it ----
     if args.compile:
         # Dynamo specializes on the thread count, so each function is traced under the count it will run with.
-        compile_start = time.time()
+        timer.start("compile")
         if rollout_threads:
             torch.set_num_threads(rollout_threads)
         with torch.no_grad():
@@ -532,25 +550,17 @@ def main():
             advantage_fn(get_value(next_obs).flatten(), next_done, container)
         if update_threads:
             torch.set_num_threads(update_threads)
-        # the warm-up update must leave no trace: restore the weights and Adam's state (empty, or resumed) in place
-        weights = [p.detach().clone() for p in agent.parameters()]
-        adam_state = {p: {k: v.clone() for k, v in state.items()} for p, state in optimizer.state.items()}
+        # the warm-up update must leave no trace: with its step switched off, the weights and Adam's state stay
+        step_enabled.fill_(False)
         update(container.view(-1)[:minibatch_size], tensordict_out=TensorDict())
-        with torch.no_grad():
-            for p, w in zip(agent.parameters(), weights):
-                p.copy_(w)
-            for p, state in optimizer.state.items():
-                for k, v in state.items():
-                    if p in adam_state:
-                        v.copy_(adam_state[p][k])
-                    else:
-                        v.zero_()
-        seconds["compile"] = time.time() - compile_start
+        timer.stop("compile")
         if distributed.is_main:
-            print(f"compiled {compiled_parts} in {seconds['compile']:.1f} s")
+            print(f"compiled {compiled_parts} in {timer.seconds['compile']:.1f} s")
     if args.cudagraphs:
-        policy = CudaGraphModule(policy)
-        update = CudaGraphModule(update)
+        # the first warmup - 1 calls run eagerly (a compiled function may still recompile there), the next records
+        warmup = 3 if args.compile else 2
+        policy = CudaGraphModule(policy, warmup=warmup)
+        update = CudaGraphModule(update, warmup=warmup)
 
     if resume is not None:  # ---- resume: counters, this rank's envs and seed streams, then its random streams ----
         own = resume if distributed.is_main else resume["other_ranks"][distributed.rank - 1]
@@ -578,17 +588,18 @@ def main():
             torch.set_num_threads(rollout_threads)
         schedule.apply(global_step, train=envs, evaluation=eval_envs)  # residual scale and probability
         # ---- eval ----
-        if distributed.is_main and (iteration - 1) % args.eval_freq == 0:
-            last_eval = evaluate(global_step)
+        if distributed.is_main and (iteration - 1) % args.eval_freq == 0 and not stop.requested:
+            with timer("eval"):
+                last_eval = evaluate(global_step)
             for k, v in last_eval.items():
                 writer.add_scalar(f"eval/{k}", v, global_step)
             progress.write(eval_line(last_eval, global_step))
 
-        iteration_start = time.time()
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"].copy_((1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate)
 
         # ---- rollout ----
+        timer.start("rollout")
         container["final_values"].zero_()
         action_stats = defaultdict(float)  # summed as tensors; read once per iteration
         for step in range(args.num_steps):
@@ -600,7 +611,7 @@ def main():
             if args.cudagraphs:
                 # a new graph step before each stochastic call: otherwise the replayed sampling noise repeats
                 torch.compiler.cudagraph_mark_step_begin()
-            with torch.no_grad():
+            with timer("policy"), torch.no_grad():
                 action, logprob, value = policy(next_obs)
             # key by key into the preallocated container: building a TensorDict per step cost the CPU rollout
             # 0.07 ms a step, these writes 0.01 ms
@@ -610,37 +621,34 @@ def main():
             container["actions"][step] = action
             container["logprobs"][step] = logprob
 
-            env_step_start = time.time()
-            next_obs, reward, terminations, truncations, infos = envs.step(action)
-            seconds["env_step"] += time.time() - env_step_start
+            with timer("env_step"):  # the wrapper's experts included
+                next_obs, reward, terminations, truncations, infos = envs.step(action)
             next_obs = next_obs.to(device)
             next_done = (terminations | truncations).to(device, torch.float32)
             container["rewards"][step] = reward.to(device).view(-1) * args.reward_scale
             container["residual_applied"][step] = infos["residual_applied"].to(device, torch.float32)
             for k, v in infos.get("action_stats", {}).items():
                 action_stats[k] += v / args.num_steps
+            if distributed.is_main:
+                train_metrics.add(infos)
             if "final_info" in infos:
-                done_mask = infos["_final_info"].to(device)
-                for k, v in infos["final_info"]["episode"].items():
-                    if distributed.is_main:
-                        writer.add_scalar(f"train/{k}", v[done_mask].float().mean().item(), global_step)
                 # Bootstrap every finished episode from its last observation, as ppo.py does. The value is
                 # computed for all envs and masked, which keeps the shapes static for compile and graphs.
                 with torch.no_grad():
                     final_value = get_value(infos["final_observation"].to(device)).flatten()
-                container["final_values"][step] = torch.where(done_mask, final_value, 0.0)
+                container["final_values"][step] = torch.where(infos["_final_info"].to(device), final_value, 0.0)
 
         if stop.requested and not distributed.enabled:
             break
         util.check_finite(iteration, run_dir, observations=container["obs"], rewards=container["rewards"])
-        seconds["rollout"] += time.time() - iteration_start
-        update_start = time.time()
+        timer.stop("rollout")
 
         # ---- advantage (GAE) ----
-        with torch.no_grad():
+        with timer("advantage"), torch.no_grad():
             container = advantage_fn(get_value(next_obs).flatten(), next_done, container)
 
         # ---- update ----
+        timer.start("update")
         if update_threads:
             torch.set_num_threads(update_threads)
         actor_loss_weight.fill_(0.0 if iteration <= args.critic_warmup_iters else 1.0)
@@ -652,23 +660,20 @@ def main():
                     value.zero_()
         container_flat = container.view(-1)
         update_logs = []
+        step_enabled.fill_(True)
         for epoch in range(args.update_epochs):
             for minibatch in torch.randperm(batch_size, device=device).split(minibatch_size):
-                out = update(container_flat[minibatch], tensordict_out=TensorDict())  # scalars: a batch-less output
-                update_logs.append(out)
-                # checked after the step (a graph cannot branch on it): the minibatch that crossed the
-                # threshold is applied, then the epoch stops
-                if args.target_kl is not None and distributed.mean(out["approx_kl"]) > args.target_kl:
-                    break
-            else:
-                continue
-            break
+                # scalars: a batch-less output
+                update_logs.append(update(container_flat[minibatch], tensordict_out=TensorDict()))
+            # one wait per epoch, not per minibatch: once the KL crossed --target-kl, further epochs change nothing
+            if args.target_kl is not None and not step_enabled:
+                break
         logs = torch.stack(update_logs)
         # nan or inf in any minibatch: checked once here, outside the graph
         util.check_finite(iteration, run_dir, loss=torch.stack([logs["v_loss"], logs["pg_loss"]]),
                           gradients=logs["grad_norm"])
 
-        seconds["update"] += time.time() - update_start
+        timer.stop("update")
         if distributed.enabled:  # the ranks must hold the same weights after every update
             parameter_hashes.append(distributed.parameter_hashes(agent))
             if len(set(parameter_hashes[-1])) != 1:
@@ -683,7 +688,11 @@ def main():
         progress.update(steps_per_iteration)
         if not distributed.is_main:
             continue
-        sps = int((global_step - steps_at_start) / (seconds["rollout"] + seconds["update"]))
+        sps = int((global_step - steps_at_start) / timer.training_seconds())
+        if args.verbose:
+            progress.write(f"iteration {iteration}: {timer.since_last_report()}")
+        for k, v in train_metrics.means().items():
+            writer.add_scalar(f"train/{k}", v, global_step)
         y_pred, y_true = container["vals"].flatten().cpu().numpy(), container["returns"].flatten().cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
@@ -703,7 +712,7 @@ def main():
         writer.add_scalar("charts/residual_scale", envs.residual_scale, global_step)
         writer.add_scalar("charts/residual_prob", envs.residual_prob, global_step)
         writer.add_scalar("charts/worker_restarts", envs.env.worker_restarts, global_step)
-        for k, v in seconds.items():
+        for k, v in timer.seconds.items():
             writer.add_scalar(f"time/{k}_seconds", v, global_step)
         progress.set_postfix(SPS=sps, eval_success=f"{last_eval.get('success_once', float('nan')):.2f}")
 
@@ -732,8 +741,9 @@ def main():
     if distributed.is_main:
         if args.save_model:
             print(f"saved {run_dir}/final_ckpt.pt")
-        train_sps = (global_step - steps_at_start) / (seconds["rollout"] + seconds["update"])
-        summary = dict(global_step=global_step, train_sps=train_sps, seconds=seconds, eval=last_eval)
+        train_sps = (global_step - steps_at_start) / timer.training_seconds()
+        summary = dict(global_step=global_step, train_sps=train_sps, seconds=timer.seconds, eval=last_eval,
+                       **util.peak_gpu_memory(device))
         if distributed.enabled:
             summary.update(world_size=distributed.world_size, parameter_hashes=parameter_hashes)
         with open(os.path.join(run_dir, "summary.json"), "w") as f:

@@ -155,9 +155,14 @@ class Args:
     max_grad_norm: float = 0.5
     """the maximum norm for gradient clipping"""
     target_kl: Optional[float] = 0.1
-    """stop an epoch after the minibatch whose approximate KL exceeds this"""
+    """stop an update early when the approximate KL exceeds this"""
     eval_freq: int = 25
     """evaluate (and checkpoint) every this many iterations"""
+    eval_reconfiguration_freq: int = 1
+    """eval envs rebuild their scenes every this many resets, as ManiSkill's baselines do (tasks that randomise assets
+    do it there); 0: never"""
+    verbose: bool = False
+    """if toggled, print where each iteration's time went (on a GPU, synchronising it so that the figures are true)"""
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
@@ -249,10 +254,14 @@ def gae(next_value, next_done, container, gamma: float, gae_lambda: float):
     return container
 
 
-def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args, actor_loss_weight: torch.Tensor) -> TensorDictModule:
+def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args, actor_loss_weight: torch.Tensor,
+                step_enabled: torch.Tensor) -> TensorDictModule:
     """One PPO gradient step on a minibatch, as a TensorDictModule so it compiles and graphs as a whole.
     ``actor_loss_weight`` (0-dim, 1 or 0) weighs the policy and entropy terms and the gradients of everything
-    but the critic head: 0 during critic warm-up."""
+    but the critic head: 0 during critic warm-up. ``step_enabled`` (0-dim bool) lets the optimizer step happen
+    (util.step_where). The update clears it when the minibatch's approximate KL exceeds --target-kl: that
+    minibatch and the rest of the update then leave the weights and Adam's state as they are, which is
+    ppo_rgb.py's early stop, decided without waiting for the GPU."""
     # the image and state encoders feed the actor too, so critic warm-up freezes everything but the critic head
     actor_params = [p for name, p in agent.named_parameters() if not name.startswith("critic.")]
 
@@ -265,6 +274,8 @@ def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args, actor_loss
             old_approx_kl = (-logratio).mean()
             approx_kl = ((ratio - 1) - logratio).mean()
             clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+            if args.target_kl is not None:
+                step_enabled.logical_and_(approx_kl <= args.target_kl)
 
         if args.norm_adv:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
@@ -290,7 +301,7 @@ def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args, actor_loss
         for param in actor_params:  # the encoders' gradients from the value loss
             param.grad.mul_(actor_loss_weight)
         grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-        optimizer.step()
+        util.step_where(optimizer, step_enabled)
         return approx_kl, v_loss.detach(), pg_loss.detach(), entropy_loss.detach(), old_approx_kl, clipfrac, grad_norm
 
     return TensorDictModule(
@@ -309,6 +320,8 @@ def check_args(args: Args) -> None:
         raise util.UsageError("--evaluate needs --checkpoint PATH")
     if args.evaluate and args.resume:
         raise util.UsageError("--evaluate and --resume exclude each other: evaluate a checkpoint, or resume its run")
+    if args.eval_reconfiguration_freq < 0:
+        raise util.UsageError(f"--eval-reconfiguration-freq must be >= 0 (0: never), got {args.eval_reconfiguration_freq}")
     if args.keep_checkpoints < 0:
         raise util.UsageError(f"--keep-checkpoints must be >= 0, got {args.keep_checkpoints}")
     if args.num_envs < 1 or args.num_eval_envs < 1:
@@ -385,7 +398,8 @@ def main():
     env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend, obs_mode="state_dict+rgb",
                       restart_dead_workers=args.restart_dead_workers,
                       sensor_configs=dict(width=args.camera_width, height=args.camera_height))
-    eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True, **env_kwargs)
+    eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True,
+                               reconfiguration_freq=args.eval_reconfiguration_freq, **env_kwargs)
     expert = experts.make_experts(args.expert_type, args.env_id, eval_envs, ik_gain=args.ik_gain,
                                   model_path=args.model_path, expert_fn=args.expert_fn)
     eval_envs = util.ExpertResidualWrapper(eval_envs, expert, args.residual_scale, args.clip_final_action,
@@ -422,13 +436,14 @@ def main():
     # Critic warm-up: 0 for the first --critic-warmup-iters iterations, then 1; set in place with fill_, so the
     # compiled or graphed update that closes over it never retraces
     actor_loss_weight = torch.ones((), device=device)
+    step_enabled = torch.ones((), dtype=torch.bool, device=device)  # the optimizer steps while True (make_update)
     actor_params = [p for name, p in agent.named_parameters() if not name.startswith("critic.")]
 
     # ---- executables: eager, compiled, graphed ----
     policy = agent_inference.act
     get_value = agent_inference.get_value
     advantage_fn = functools.partial(gae, gamma=args.gamma, gae_lambda=args.gae_lambda)
-    update = make_update(agent, optimizer, args, actor_loss_weight)
+    update = make_update(agent, optimizer, args, actor_loss_weight, step_enabled)
     # On the CPU the per-step calls stay eager: at a few envs per call, a compiled function's call overhead
     # (about 50 us measured) exceeds what its fused kernels save; on CUDA fusion and fewer launches win.
     compile_policy = args.compile and device.type == "cuda"
@@ -447,7 +462,9 @@ def main():
     else:
         run_dir = os.path.join(args.output_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
     run_name = os.path.basename(run_dir)
-    video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
+    # a GPU simulation without NVIDIA's Vulkan driver trains unrendered (util.render_backend said so)
+    video_dir = os.path.join(run_dir, "videos") if args.capture_video and eval_envs is not None \
+        and eval_envs.can_render else None
     os.makedirs(run_dir, exist_ok=True)
     if args.track:
         import wandb
@@ -483,20 +500,17 @@ def main():
 
     def evaluate(global_step: int) -> dict:
         obs, _ = eval_envs.reset()
-        episodes, frames = defaultdict(list), []
+        episodes, frames = util.EpisodeMetrics(), []
         for _ in range(num_eval_steps):
             with torch.no_grad():
                 action = agent_inference.get_action(to_device(obs, device), deterministic=True)
             obs, _, _, _, info = eval_envs.step(action)
             if video_dir:
                 frames.append(eval_envs.render())
-            if "final_info" in info:
-                mask = info["_final_info"]
-                for k, v in info["final_info"]["episode"].items():
-                    episodes[k].append(v[mask].float())
+            episodes.add(info)
         if frames:
             util.save_video(frames, os.path.join(video_dir, f"eval_{global_step}.mp4"))
-        return {k: torch.cat(v).mean().item() for k, v in episodes.items()}
+        return episodes.means()
 
     def eval_line(metrics: dict, global_step: int) -> str:
         return f"eval @ {global_step} steps: " + " ".join(
@@ -530,7 +544,9 @@ def main():
           f"(images {int(np.prod(rgb_shape))} as uint8, state {4 * state_dim})")
 
     iterations_done, global_step, last_eval = 0, 0, {}
-    seconds = dict(rollout=0.0, env_step=0.0, update=0.0)  # training time, evaluation and compilation excluded
+    timer = util.PhaseTimer(device, sync=args.verbose)  # seconds per phase; --verbose prints them per iteration
+    envs.timer = timer
+    train_metrics = util.EpisodeMetrics()  # the training episodes that ended, logged once per iteration
     next_obs, _ = envs.reset(seed=args.seed)  # a resumed run resets again below
     next_obs = to_device(next_obs, device)
     next_done = torch.zeros(args.num_envs, device=device)
@@ -538,7 +554,7 @@ def main():
     # ---- compile: trace every compiled function once now, at the run's shapes, so training time excludes it ----
     if args.compile:
         # Dynamo specializes on the thread count, so each function is traced under the count it will run with.
-        compile_start = time.time()
+        timer.start("compile")
         if rollout_threads:
             torch.set_num_threads(rollout_threads)
         with torch.no_grad():
@@ -547,24 +563,16 @@ def main():
             advantage_fn(get_value(next_obs).flatten(), next_done, container)
         if update_threads:
             torch.set_num_threads(update_threads)
-        # the warm-up update must leave no trace: restore the weights and Adam's state (empty, or resumed) in place
-        weights = [p.detach().clone() for p in agent.parameters()]
-        adam_state = {p: {k: v.clone() for k, v in state.items()} for p, state in optimizer.state.items()}
+        # the warm-up update must leave no trace: with its step switched off, the weights and Adam's state stay
+        step_enabled.fill_(False)
         update(container.view(-1)[:minibatch_size], tensordict_out=TensorDict())
-        with torch.no_grad():
-            for p, w in zip(agent.parameters(), weights):
-                p.copy_(w)
-            for p, state in optimizer.state.items():
-                for k, v in state.items():
-                    if p in adam_state:
-                        v.copy_(adam_state[p][k])
-                    else:
-                        v.zero_()
-        seconds["compile"] = time.time() - compile_start
-        print(f"compiled {compiled_parts} in {seconds['compile']:.1f} s")
+        timer.stop("compile")
+        print(f"compiled {compiled_parts} in {timer.seconds['compile']:.1f} s")
     if args.cudagraphs:
-        policy = CudaGraphModule(policy)
-        update = CudaGraphModule(update)
+        # the first warmup - 1 calls run eagerly (a compiled function may still recompile there), the next records
+        warmup = 3 if args.compile else 2
+        policy = CudaGraphModule(policy, warmup=warmup)
+        update = CudaGraphModule(update, warmup=warmup)
 
     if resume is not None:  # ---- resume: counters, the envs' episodes and seed streams, then the random streams ----
         iterations_done, global_step = resume["iteration"], resume["global_step"]
@@ -584,16 +592,17 @@ def main():
         schedule.apply(global_step, train=envs, evaluation=eval_envs)  # residual scale and probability
         # ---- eval ----
         if (iteration - 1) % args.eval_freq == 0 and not stop.requested:
-            last_eval = evaluate(global_step)
+            with timer("eval"):
+                last_eval = evaluate(global_step)
             for k, v in last_eval.items():
                 writer.add_scalar(f"eval/{k}", v, global_step)
             progress.write(eval_line(last_eval, global_step))
 
-        iteration_start = time.time()
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"].copy_((1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate)
 
         # ---- rollout ----
+        timer.start("rollout")
         container["final_values"].zero_()
         action_stats = defaultdict(float)  # summed as tensors; read once per iteration
         for step in range(args.num_steps):
@@ -605,7 +614,7 @@ def main():
             if args.cudagraphs:
                 # a new graph step before each stochastic call: otherwise the replayed sampling noise repeats
                 torch.compiler.cudagraph_mark_step_begin()
-            with torch.no_grad():
+            with timer("policy"), torch.no_grad():
                 action, logprob, value = policy(next_obs)
             # key by key into the preallocated container: building a TensorDict per step cost the CPU rollout
             # 0.07 ms a step, these writes 0.01 ms
@@ -615,37 +624,34 @@ def main():
             container["actions"][step] = action
             container["logprobs"][step] = logprob
 
-            env_step_start = time.time()
-            next_obs, reward, terminations, truncations, infos = envs.step(action)
-            seconds["env_step"] += time.time() - env_step_start
+            with timer("env_step"):  # the wrapper's experts included
+                next_obs, reward, terminations, truncations, infos = envs.step(action)
             next_obs = to_device(next_obs, device)
             next_done = (terminations | truncations).to(device, torch.float32)
             container["rewards"][step] = reward.to(device).view(-1) * args.reward_scale
             container["residual_applied"][step] = infos["residual_applied"].to(device, torch.float32)
             for k, v in infos.get("action_stats", {}).items():
                 action_stats[k] += v / args.num_steps
+            train_metrics.add(infos)
             if "final_info" in infos:
-                done_mask = infos["_final_info"].to(device)
-                for k, v in infos["final_info"]["episode"].items():
-                    writer.add_scalar(f"train/{k}", v[done_mask].float().mean().item(), global_step)
                 # Bootstrap every finished episode from its last observation, as ppo.py does. The value is
                 # computed for all envs and masked, which keeps the shapes static for compile and graphs.
                 with torch.no_grad():
                     final_value = get_value(to_device(infos["final_observation"], device)).flatten()
-                container["final_values"][step] = torch.where(done_mask, final_value, 0.0)
+                container["final_values"][step] = torch.where(infos["_final_info"].to(device), final_value, 0.0)
 
         if stop.requested:
             break
         # the images are uint8, always finite
         util.check_finite(iteration, run_dir, observations=container["obs", "state"], rewards=container["rewards"])
-        seconds["rollout"] += time.time() - iteration_start
-        update_start = time.time()
+        timer.stop("rollout")
 
         # ---- advantage (GAE) ----
-        with torch.no_grad():
+        with timer("advantage"), torch.no_grad():
             container = advantage_fn(get_value(next_obs).flatten(), next_done, container)
 
         # ---- update ----
+        timer.start("update")
         if update_threads:
             torch.set_num_threads(update_threads)
         actor_loss_weight.fill_(0.0 if iteration <= args.critic_warmup_iters else 1.0)
@@ -657,25 +663,26 @@ def main():
                     value.zero_()
         container_flat = container.view(-1)
         update_logs = []
+        step_enabled.fill_(True)
         for epoch in range(args.update_epochs):
             for minibatch in torch.randperm(batch_size, device=device).split(minibatch_size):
-                out = update(container_flat[minibatch], tensordict_out=TensorDict())  # scalars: a batch-less output
-                update_logs.append(out)
-                # checked after the step (a graph cannot branch on it): the minibatch that crossed the
-                # threshold is applied, then the epoch stops
-                if args.target_kl is not None and out["approx_kl"] > args.target_kl:
-                    break
-            else:
-                continue
-            break
+                # scalars: a batch-less output
+                update_logs.append(update(container_flat[minibatch], tensordict_out=TensorDict()))
+            # one wait per epoch, not per minibatch: once the KL crossed --target-kl, further epochs change nothing
+            if args.target_kl is not None and not step_enabled:
+                break
         logs = torch.stack(update_logs)
         # nan or inf in any minibatch: checked once here, outside the graph
         util.check_finite(iteration, run_dir, loss=torch.stack([logs["v_loss"], logs["pg_loss"]]),
                           gradients=logs["grad_norm"])
 
         # ---- log ----
-        seconds["update"] += time.time() - update_start
-        sps = int((global_step - steps_at_start) / (seconds["rollout"] + seconds["update"]))
+        timer.stop("update")
+        sps = int((global_step - steps_at_start) / timer.training_seconds())
+        if args.verbose:
+            progress.write(f"iteration {iteration}: {timer.since_last_report()}")
+        for k, v in train_metrics.means().items():
+            writer.add_scalar(f"train/{k}", v, global_step)
         y_pred, y_true = container["vals"].flatten().cpu().numpy(), container["returns"].flatten().cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
@@ -695,7 +702,7 @@ def main():
         writer.add_scalar("charts/residual_scale", envs.residual_scale, global_step)
         writer.add_scalar("charts/residual_prob", envs.residual_prob, global_step)
         writer.add_scalar("charts/worker_restarts", envs.env.worker_restarts, global_step)
-        for k, v in seconds.items():
+        for k, v in timer.seconds.items():
             writer.add_scalar(f"time/{k}_seconds", v, global_step)
         progress.update(batch_size)
         progress.set_postfix(SPS=sps, eval_success=f"{last_eval.get('success_once', float('nan')):.2f}")
@@ -723,10 +730,11 @@ def main():
     if args.save_model:
         save("final_ckpt.pt", iterations_done)
         print(f"saved {run_dir}/final_ckpt.pt")
-    train_sps = (global_step - steps_at_start) / (seconds["rollout"] + seconds["update"])
+    train_sps = (global_step - steps_at_start) / timer.training_seconds()
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(dict(global_step=global_step, train_sps=train_sps, seconds=seconds,
-                       buffer_bytes_per_env_step=bytes_per_env_step, eval=last_eval), f, indent=2)
+        json.dump(dict(global_step=global_step, train_sps=train_sps, seconds=timer.seconds,
+                       buffer_bytes_per_env_step=bytes_per_env_step, eval=last_eval,
+                       **util.peak_gpu_memory(device)), f, indent=2)
     writer.close()
     envs.close()
     eval_envs.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import difflib
+import functools
 import glob
 import hashlib
 import multiprocessing as mp
@@ -28,8 +29,11 @@ import re
 import signal
 import sys
 import threading
+import time
 import traceback
 import weakref
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Callable, NoReturn, Optional, Union
@@ -50,7 +54,13 @@ class UsageError(Exception):
 
 
 class FatalError(RuntimeError):
-    """The run cannot go on (a dead env worker, NaN or inf in training): one line on stderr, exit code 1."""
+    """The run cannot go on (a dead env worker, NaN or inf in training, a simulator that fails to start): one line
+    on stderr, exit code 1. ``details`` (a traceback, e.g. from an env worker) or the chained cause's traceback is
+    printed above that line."""
+
+    def __init__(self, message: str, details: Optional[str] = None):
+        super().__init__(message)
+        self.details = details
 
 
 class WorkerDied(FatalError):
@@ -64,6 +74,11 @@ def run_cli(main: Callable[[], Any]) -> None:
         main()
     except (UsageError, FatalError) as err:
         with tqdm.external_write_mode(file=sys.stderr):  # a line of its own, not the end of a progress bar
+            details = getattr(err, "details", None)
+            if details is None and isinstance(err, FatalError) and err.__cause__ is not None:
+                details = "".join(traceback.format_exception(err.__cause__))
+            if details:  # a runtime failure keeps its traceback; the cause is the last line
+                print(details.rstrip(), file=sys.stderr)
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2 if isinstance(err, UsageError) else 1)
 
@@ -173,10 +188,54 @@ def make_env(
         if num_envs != 1:
             raise UsageError("ManiSkill's physx_cpu backend holds one env per process; use --sim-backend cpu")
         return GpuVectorEnv(env_id, 1, "physx_cpu", ignore_terminations, **env_kwargs)
-    if resolve_sim_backend(sim_backend) == "gpu":
-        return GpuVectorEnv(env_id, num_envs, "physx_cuda", ignore_terminations, **env_kwargs)
+    gpu = resolve_sim_backend(sim_backend) == "gpu"
+    env_kwargs.setdefault("render_backend", render_backend(gpu, env_kwargs["obs_mode"]))
+    if gpu:
+        # the GPU this process trains on (under torchrun its local rank's): a bare "physx_cuda" is always the first
+        return GpuVectorEnv(env_id, num_envs, f"physx_cuda:{torch.cuda.current_device()}", ignore_terminations,
+                            **env_kwargs)
     return CpuVectorEnv(env_id, num_envs, ignore_terminations, num_workers=num_workers,
                         restart_dead_workers=restart_dead_workers, **env_kwargs)
+
+
+NO_CUDA_VULKAN = ("SAPIEN finds no Vulkan device on this GPU, and ManiSkill renders GPU simulations there: install "
+                  "NVIDIA's Vulkan driver (the libnvidia-gl package of the installed driver; in a container also "
+                  "libxext6, and NVIDIA_DRIVER_CAPABILITIES must include graphics)")
+
+
+def render_backend(gpu_simulation: bool, obs_mode: str) -> str:
+    """ManiSkill's render_backend for a new env: the CUDA device this process uses when SAPIEN can render there,
+    else Mesa's CPU driver. A GPU simulation cannot render on the CPU: without the NVIDIA Vulkan driver its state
+    observations still work, unrendered ("none"), and image observations are refused with what to install."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    index = torch.cuda.current_device()
+    if cuda_renders(index):
+        return f"cuda:{index}"
+    if not gpu_simulation:
+        return "cpu"
+    if obs_mode not in ("state", "state_dict"):
+        raise UsageError(f"obs_mode {obs_mode} renders images: {NO_CUDA_VULKAN}")
+    _warn_once(f"warning: {NO_CUDA_VULKAN}. State training goes on without rendering (no eval videos).")
+    return "none"
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_renders(index: int) -> bool:
+    """Whether SAPIEN can render on CUDA device ``index`` (it needs NVIDIA's Vulkan driver; CUDA alone is not
+    enough)."""
+    import sapien
+
+    try:
+        sapien.render.RenderSystem(sapien.Device(f"cuda:{index}"))
+    except RuntimeError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _max_episode_steps(env: gym.Env) -> int:
@@ -194,6 +253,7 @@ class GpuVectorEnv(ManiSkillVectorEnv):
         self.max_episode_steps = _max_episode_steps(env)
         self.control_mode = self.base_env.control_mode
         self.image_policy_extra_keys = _image_policy_extra_keys(self.base_env)
+        self.can_render = self.base_env.scene.can_render()  # False with render_backend="none"
 
     def get_episode_rng(self) -> list[dict]:
         """As ``CpuVectorEnv.get_episode_rng``."""
@@ -319,12 +379,26 @@ _STEP, _OK, _ERROR, _BAD_CONFIG = b"s", b"k", b"E", b"U"
 
 
 def _gym_make(env_id: str, **kwargs) -> gym.Env:
-    """gym.make, with configuration errors (bad control mode, no render device, ...) as one UsageError line."""
+    """gym.make. ManiSkill answers a bad configuration (control mode, obs mode, keyword) with an assertion, a
+    TypeError, a ValueError or a NotImplementedError: one UsageError line. Anything else is the simulator or the
+    machine failing (CUDA out of memory, PhysX or Vulkan start-up): a FatalError that keeps the traceback."""
     try:
         return gym.make(env_id, **kwargs)
+    except (AssertionError, TypeError, ValueError, NotImplementedError) as err:
+        raise UsageError(f"cannot create {env_id}: {_first_line(err)}") from None
     except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UsageError(f"cannot create {env_id}: {reason}") from None
+        reason = _first_line(err)
+        if "physical device" in reason or "Vulkan" in reason or "vk::" in reason:
+            hint = NO_CUDA_VULKAN if torch.cuda.is_available() else "run scripts/ensure_vulkan.sh (make setup)"
+        elif isinstance(err, torch.OutOfMemoryError) or "out of memory" in reason.lower():
+            hint = "try fewer --num-envs"
+        else:
+            hint = "the traceback above shows where"
+        raise FatalError(f"cannot create {env_id} ({kwargs.get('sim_backend')}): {reason}; {hint}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _cpu_worker(conn: Connection, worker_index: int, env_id: str, env_slice: tuple[int, int],
@@ -425,6 +499,7 @@ class CpuVectorEnv:
     def __init__(self, env_id: str, num_envs: int, ignore_terminations: bool = False,
                  num_workers: Optional[int] = None, restart_dead_workers: bool = False, **env_kwargs):
         self.num_envs = num_envs
+        self.can_render = True  # every worker has a Vulkan device: NVIDIA's, or Mesa's on the CPU
         self.restart_dead_workers = restart_dead_workers
         self.worker_restarts = 0
         self.ignore_terminations = ignore_terminations
@@ -507,7 +582,8 @@ class CpuVectorEnv:
             raise WorkerDied(f"CPU env worker {w} (envs {a}..{b - 1}) died "
                              f"(exit code {self.procs[w].exitcode})") from None
         if msg.startswith(_ERROR):
-            raise RuntimeError(f"CPU env worker {w} failed:\n{msg[1:].decode()}")
+            details = msg[1:].decode()
+            raise FatalError(f"CPU env worker {w} failed: {details.strip().splitlines()[-1]}", details=details)
         if msg.startswith(_BAD_CONFIG):
             raise UsageError(msg[1:].decode())
         return msg
@@ -853,6 +929,7 @@ class ExpertResidualWrapper:
         track_action_stats: bool = True,
         policy_obs_fn: Callable[[dict], Obs] = flat_state,
         fusion: str = "mean",
+        timer: Optional["PhaseTimer"] = None,
         env_id: Optional[str] = None,
         num_envs: int = 1,
         **env_kwargs,
@@ -869,6 +946,7 @@ class ExpertResidualWrapper:
         self.single_action_space = env.single_action_space
         self.max_episode_steps = env.max_episode_steps
         self.control_mode = env.control_mode
+        self.can_render = env.can_render
         self.action_dim = int(np.prod(self.single_action_space.shape))
         self.low = torch.as_tensor(self.single_action_space.low, device=self.device, dtype=torch.float32)
         self.high = torch.as_tensor(self.single_action_space.high, device=self.device, dtype=torch.float32)
@@ -886,9 +964,14 @@ class ExpertResidualWrapper:
         self.expert_action_noise = expert_action_noise
         self.track_action_stats = track_action_stats
         self.policy_obs_fn = policy_obs_fn
+        self.timer = timer or PhaseTimer(self.device)  # the experts' time, under "expert"
         self.expert_actions: Optional[torch.Tensor] = None  # [N, experts, A] for the current observation
 
     def _expert_actions(self, obs: dict, noise: bool = True) -> torch.Tensor:
+        with self.timer("expert"):
+            return self._call_experts(obs, noise)
+
+    def _call_experts(self, obs: dict, noise: bool) -> torch.Tensor:
         actions = []
         for expert in self.experts:
             action = expert(obs)
@@ -951,6 +1034,112 @@ class ExpertResidualWrapper:
 
 
 # ----------------------------------------------------------------------------------------------
+# Per-iteration bookkeeping that never waits for the GPU
+# ----------------------------------------------------------------------------------------------
+class EpisodeMetrics:
+    """The mean of each episode metric (``info["final_info"]["episode"]``) over the episodes that ended.
+
+    ``add`` keeps sums on the env's device, so a rollout step never waits for the GPU; ``means`` reads them
+    all at once, and starts over."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count: Optional[torch.Tensor] = None
+
+    def add(self, info: dict) -> None:
+        if "final_info" not in info:
+            return
+        done = info["_final_info"]
+        for k, v in info["final_info"]["episode"].items():
+            total = torch.where(done, v.float(), 0.0).sum()
+            self.sums[k] = self.sums[k] + total if k in self.sums else total
+        self.count = done.sum() if self.count is None else self.count + done.sum()
+
+    def means(self) -> dict[str, float]:
+        """{metric: mean over the episodes added since the last call, "episodes": their number}; {} if none."""
+        if self.count is None:
+            return {}
+        keys = list(self.sums)
+        *sums, count = torch.stack([self.sums[k] for k in keys] + [self.count.float()]).tolist()  # one sync
+        self.sums, self.count = {}, None
+        return {**{k: total / count for k, total in zip(keys, sums)}, "episodes": int(count)}
+
+
+class PhaseTimer:
+    """Wall-clock seconds spent in each phase of training (rollout, env_step, expert, policy, advantage, update,
+    eval, compile), summed over the run.
+
+    With ``sync`` on a CUDA device (--verbose), each phase waits for the GPU at its start and end, so the GPU work
+    a phase launched is counted in that phase; without it, timing adds no synchronisation."""
+
+    def __init__(self, device: Union[str, torch.device] = "cpu", sync: bool = False):
+        self.device = torch.device(device)
+        self.sync = sync and self.device.type == "cuda"
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._started: dict[str, float] = {}
+        self._reported: dict[str, float] = {}
+
+    def start(self, phase: str) -> None:
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        self._started[phase] = time.perf_counter()
+
+    def stop(self, phase: str) -> None:
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        self.seconds[phase] += time.perf_counter() - self._started.pop(phase)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        self.start(phase)
+        try:
+            yield
+        finally:
+            self.stop(phase)
+
+    def since_last_report(self) -> str:
+        """The seconds of each phase since the previous call, nested as the phases are, on one line."""
+        s = {k: v - self._reported.get(k, 0.0) for k, v in self.seconds.items()}
+        self._reported = dict(self.seconds)
+        parts = [f"rollout {s.get('rollout', 0):.3f} s (env step {s.get('env_step', 0):.3f} s, of which expert "
+                 f"{s.get('expert', 0):.3f} s; policy {s.get('policy', 0):.3f} s)"]
+        parts += [f"{k} {s[k]:.3f} s" for k in ("advantage", "update", "eval") if k in s]
+        if s.get("compile"):
+            parts.append(f"compile {s['compile']:.1f} s")
+        return " | ".join(parts)
+
+    def training_seconds(self) -> float:
+        """Rollout, advantage and update: what steps per second count (evaluation and compilation excluded)."""
+        return sum(self.seconds.get(k, 0.0) for k in ("rollout", "advantage", "update"))
+
+
+def peak_gpu_memory(device: torch.device) -> dict:
+    """For summary.json: the peak memory torch allocated on ``device`` (PhysX's own allocations not included)."""
+    if device.type != "cuda":
+        return {}
+    return dict(peak_gpu_memory_mb=torch.cuda.max_memory_allocated(device) / 2**20)
+
+
+def step_where(optimizer: torch.optim.Optimizer, apply: torch.Tensor) -> None:
+    """``optimizer.step()`` where the 0-dim bool tensor ``apply`` is True; where it is False, the parameters and the
+    optimizer's state keep their values, as if the step never ran. Both outcomes are computed and one is kept,
+    because compiled and graphed code cannot branch on a tensor without waiting for it."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    kept = params + [v for p in params for v in optimizer.state[p].values() if isinstance(v, torch.Tensor)]
+    before = [t.detach().clone() for t in kept]
+    optimizer.step()
+    with torch.no_grad():
+        for t, old in zip(kept, before):
+            t.copy_(torch.where(apply, t, old))
+        # state the step created (Adam's first step): an optimizer that never stepped holds zeros
+        known = {id(t) for t in kept}
+        for p in params:
+            for v in optimizer.state[p].values():
+                if isinstance(v, torch.Tensor) and id(v) not in known:
+                    v.copy_(torch.where(apply, v, torch.zeros_like(v)))
+
+
+# ----------------------------------------------------------------------------------------------
 # Data-parallel training under torchrun
 # ----------------------------------------------------------------------------------------------
 class Distributed:
@@ -976,21 +1165,20 @@ class Distributed:
         """A hash of the exact parameter bytes of every rank (on every rank); equal hashes mean the ranks
         hold bitwise-identical parameters."""
         flat = torch.cat([p.detach().flatten() for p in module.parameters()]).cpu()
-        digest = torch.tensor([int.from_bytes(hashlib.sha256(flat.numpy().tobytes()).digest()[:8], "little",
-                                              signed=True)])
+        digest = int.from_bytes(hashlib.sha256(flat.numpy().tobytes()).digest()[:8], "little", signed=True)
         if not self.enabled:
-            return [int(digest)]
-        gathered = [torch.zeros_like(digest) for _ in range(self.world_size)]
-        torch.distributed.all_gather(gathered, digest.to(_collective_device()))
+            return [digest]
+        # NCCL gathers CUDA tensors into CUDA buffers; gloo, CPU tensors
+        mine = torch.tensor([digest], device=_collective_device())
+        gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        torch.distributed.all_gather(gathered, mine)
         return [int(h) for h in gathered]
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """The mean of a scalar over the ranks, so that decisions taken on it agree on every rank."""
         if not self.enabled:
             return value
-        total = value.detach().clone()
-        torch.distributed.all_reduce(total)
-        return total / self.world_size
+        return _all_reduce_sum(value.detach().clone()) / self.world_size
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank, on every rank: e.g. a stop signal that reached the ranks at
@@ -1018,6 +1206,12 @@ def _collective_device() -> torch.device:
 
 
 @torch.compiler.disable  # a collective is a boundary for compiled code, not something to trace
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+@torch.compiler.disable
 def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
     flat = torch.cat([t.flatten() for t in tensors])
     torch.distributed.all_reduce(flat)
@@ -1028,27 +1222,31 @@ def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
         offset += t.numel()
 
 
-def init_distributed() -> Distributed:
+def init_distributed(cuda_training: bool, gpu_simulation: bool) -> Distributed:
     """Join the torchrun job this process belongs to, if any.
 
-    The backend is NCCL with CUDA (one GPU per local rank) and gloo without. On the CPU the ranks split
-    the cores between them, so each rank's CPU env workers and update threads keep to their own cores.
+    Each local rank uses its own GPU for whatever runs on CUDA. ``cuda_training``: the networks and their
+    gradients live there, and the ranks talk over NCCL; otherwise over gloo. Without ``gpu_simulation`` the CPU
+    backend's env workers run here, so the ranks split the cores between them and each rank's workers and update
+    threads keep to their own cores.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Distributed()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if cuda_training or gpu_simulation:
+        if local_world > torch.cuda.device_count():
+            raise UsageError(f"torchrun started {local_world} ranks on this machine, which has "
+                             f"{torch.cuda.device_count()} GPU(s): give --nproc-per-node "
+                             f"{torch.cuda.device_count()} or fewer")
         torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group("nccl")
-    else:
-        torch.distributed.init_process_group("gloo")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        if hasattr(os, "sched_setaffinity"):
-            cpus = sorted(os.sched_getaffinity(0))
-            share = cpus[local_rank::local_world] or [cpus[local_rank % len(cpus)]]
-            os.sched_setaffinity(0, share)
-            torch.set_num_threads(len(share))
+    torch.distributed.init_process_group("nccl" if cuda_training else "gloo")
+    if not gpu_simulation and hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        share = cpus[local_rank::local_world] or [cpus[local_rank % len(cpus)]]
+        os.sched_setaffinity(0, share)
+        torch.set_num_threads(len(share))
     return Distributed(rank, world_size, local_rank)
 
 
@@ -1156,18 +1354,21 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 
 
 def rng_state() -> dict:
-    """The trainer's random streams (python, numpy, torch, CUDA), in a form torch.load(weights_only=True) accepts."""
+    """The trainer's random streams (python, numpy, torch, and the stream of the GPU this process uses, if any), in
+    a form torch.load(weights_only=True) accepts."""
     return dict(python=random.getstate(), numpy=_saveable_random_state(np.random.get_state()),
-                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+                torch=torch.get_rng_state(), cuda=[torch.cuda.get_rng_state()] if torch.cuda.is_available() else [])
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore ``rng_state()``. The saved GPU stream goes to the GPU this process uses now, whichever index it
+    has here (a machine may have fewer GPUs than the one that saved it); without a GPU it is not needed."""
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     np.random.set_state(_random_state(state["numpy"]))
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        torch.cuda.set_rng_state(state["cuda"][0].cpu())
 
 
 def check_finite(iteration: int, run_dir: str, **quantities: torch.Tensor) -> None:

@@ -1,11 +1,15 @@
 """Both backends against hand-stepped single ManiSkill envs, on the real simulator."""
 
+import subprocess
+import sys
+
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
 import util
+from conftest import ROOT
 
 ENV_ID = "PickCube-v1"
 # enhanced_determinism: the CPU backend's default; the native path needs it to be comparable
@@ -192,3 +196,38 @@ def _state(pid):
             return next(line for line in f if line.startswith("State:")).lower()
     except (OSError, StopIteration):
         return "gone"
+
+
+def test_simulator_failures_keep_their_traceback_and_bad_configurations_do_not():
+    with pytest.raises(util.UsageError, match="pd_foo not in supported modes"):
+        util._gym_make("PickCube-v1", num_envs=1, sim_backend="physx_cpu", control_mode="pd_foo")
+    missing_gpu = f"physx_cuda:{torch.cuda.device_count()}"  # one index past the last GPU: no machine has it
+    with pytest.raises(util.FatalError) as failure:
+        util._gym_make("PickCube-v1", num_envs=1, sim_backend=missing_gpu)
+    assert isinstance(failure.value.__cause__, RuntimeError)
+
+    # a script's entry point prints the cause's traceback, then the cause in one line, and exits with 1
+    program = ("import util\n"
+               f"util.run_cli(lambda: util._gym_make('PickCube-v1', num_envs=1, sim_backend='{missing_gpu}'))\n")
+    proc = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last)" in proc.stderr and "RuntimeError" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot create PickCube-v1 ({missing_gpu}): ") and "cuda" in last, proc.stderr
+
+
+def test_episode_metrics_average_the_episodes_that_ended():
+    metrics = util.EpisodeMetrics()
+    assert metrics.means() == {}
+    # env 0 and 2 end, then nothing ends, then env 1 ends: three episodes
+    metrics.add(dict(final_info=dict(episode=dict(success_once=torch.tensor([True, True, False]),
+                                                  ret=torch.tensor([1.0, 5.0, 3.0]))),
+                     _final_info=torch.tensor([True, False, True])))
+    metrics.add(dict(episode=dict(success_once=torch.tensor([True, True, True]), ret=torch.ones(3))))
+    metrics.add(dict(final_info=dict(episode=dict(success_once=torch.tensor([False, False, True]),
+                                                  ret=torch.tensor([9.0, 2.0, 7.0]))),
+                     _final_info=torch.tensor([False, True, False])))
+    means = metrics.means()
+    assert means["episodes"] == 3
+    assert means["success_once"] == pytest.approx(1 / 3) and means["ret"] == pytest.approx((1 + 3 + 2) / 3)
+    assert metrics.means() == {}, "each call starts over"

@@ -89,9 +89,10 @@ def test_compiled_update_matches_eager():
     agents = [ppo_fast.Agent(obs_dim, action_dim)]
     agents.append(copy.deepcopy(agents[0]))
     optimizers = [torch.optim.Adam(a.parameters(), lr=torch.tensor(1e-3), eps=1e-5, fused=True) for a in agents]
-    actor_loss_weight = torch.ones(())
-    eager = ppo_fast.make_update(agents[0], optimizers[0], args, actor_loss_weight)
-    compiled = torch.compile(ppo_fast.make_update(agents[1], optimizers[1], args, actor_loss_weight))
+    actor_loss_weight, step_enabled = torch.ones(()), torch.ones((), dtype=torch.bool)
+    args.target_kl = None  # every step applies (early stopping is test_update_stops_where_ppo_stops)
+    eager = ppo_fast.make_update(agents[0], optimizers[0], args, actor_loss_weight, step_enabled)
+    compiled = torch.compile(ppo_fast.make_update(agents[1], optimizers[1], args, actor_loss_weight, step_enabled))
 
     obs = torch.randn(batch, obs_dim)
     with torch.no_grad():
@@ -109,6 +110,55 @@ def test_compiled_update_matches_eager():
     assert outs[0]["v_loss"] > 0 and not torch.equal(agents[0].actor_logstd, start.actor_logstd)
 
 
+def test_update_stops_where_ppo_stops():
+    """--target-kl: ppo.py stops before the step of the first minibatch whose approximate KL exceeds it. The fast
+    update decides without waiting for the GPU and must end in the same state: minibatch 1 (the rollout's own
+    weights: ratio 1, KL exactly 0) is applied; minibatches 2 and 3, after the weights moved, are not."""
+    torch.manual_seed(0)
+    obs_dim, action_dim, batch = 12, 4, 32
+    start = ppo_fast.Agent(obs_dim, action_dim)
+    obs = torch.randn(3 * batch, obs_dim)
+    with torch.no_grad():
+        actions, logprobs, _, values = start.get_action_and_value(obs)
+    data = TensorDict(obs=obs, actions=actions, logprobs=logprobs, advantages=torch.randn(3 * batch),
+                      returns=values.flatten() + 1, vals=values.flatten(), residual_applied=torch.ones(3 * batch),
+                      batch_size=(3 * batch,))
+
+    def train(target_kl, minibatches):
+        agent = copy.deepcopy(start)
+        optimizer = torch.optim.Adam(agent.parameters(), lr=torch.tensor(1e-2), eps=1e-5, fused=True)
+        step_enabled = torch.ones((), dtype=torch.bool)
+        update = ppo_fast.make_update(agent, optimizer, ppo_fast.Args(target_kl=target_kl), torch.ones(()),
+                                      step_enabled)
+        outs = [update(data[i * batch:(i + 1) * batch], tensordict_out=TensorDict()) for i in range(minibatches)]
+        return agent, optimizer, step_enabled, outs
+
+    one_step, one_step_optimizer, _, _ = train(None, 1)
+    stopped, optimizer, step_enabled, outs = train(1e-6, 3)
+    unstopped, _, _, _ = train(None, 3)
+    assert outs[0]["approx_kl"] == 0 and outs[1]["approx_kl"] > 1e-6 and not step_enabled
+    for p, p_one, p_three in zip(stopped.parameters(), one_step.parameters(), unstopped.parameters()):
+        assert torch.equal(p, p_one)
+        assert torch.equal(optimizer.state[p]["step"], torch.tensor(1.0))
+    for p, p_one in zip(stopped.parameters(), one_step.parameters()):
+        assert torch.equal(optimizer.state[p]["exp_avg"], one_step_optimizer.state[p_one]["exp_avg"])
+    assert not all(torch.equal(p, q) for p, q in zip(stopped.parameters(), unstopped.parameters()))
+
+    # a step switched off before the optimizer ever stepped (the compile warm-up) leaves no trace: the weights
+    # stay, Adam's state is all zeros, and the next step is a first step
+    agent = copy.deepcopy(start)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=0.1, fused=True)
+    for p in agent.parameters():
+        p.grad = torch.ones_like(p)
+    util.step_where(optimizer, torch.tensor(False))
+    assert all(torch.equal(p, q) for p, q in zip(agent.parameters(), start.parameters()))
+    assert all(not v.any() for p in agent.parameters() for v in optimizer.state[p].values())
+    util.step_where(optimizer, torch.tensor(True))
+    # Adam's first step moves every weight by lr against the sign of its gradient
+    for p, q in zip(agent.parameters(), start.parameters()):
+        torch.testing.assert_close(p, q - 0.1, rtol=0, atol=1e-6)
+
+
 def load_model_expert(ckpt, **env_kwargs):
     """A model expert from `ckpt`, acting on ManiSkill's native one-env path: (expert, obs, env)."""
     env = util.make_env("PickCube-v1", 1, sim_backend="physx_cpu", control_mode="pd_joint_delta_pos", **env_kwargs)
@@ -118,12 +168,18 @@ def load_model_expert(ckpt, **env_kwargs):
 
 
 def test_ppo_fast_compile_cudagraphs_on_cpu(tmp_path):
-    proc = run_script("ppo_fast.py", [*TINY, "--compile", "--cudagraphs", "--no-capture-video",
+    proc = run_script("ppo_fast.py", [*TINY, "--compile", "--cudagraphs", "--no-capture-video", "--verbose",
                                       "--output-dir", str(tmp_path)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    if not torch.cuda.is_available():
-        assert proc.stdout.count(CUDA_NOTICE) == 1
+    assert proc.stdout.count(CUDA_NOTICE) == (0 if torch.cuda.is_available() else 1)
     assert COMPILE_LINE in proc.stdout
+    # --verbose: where each iteration's time went, the compilation in the first iteration's line
+    timings = [line for line in proc.stderr.replace("\r", "\n").splitlines() + proc.stdout.splitlines()
+               if line.startswith("iteration ")]
+    assert [line.split(":")[0] for line in timings] == ["iteration 1", "iteration 2"], proc.stdout + proc.stderr
+    for phase in ("rollout", "env step", "expert", "policy", "advantage", "update", "eval"):
+        assert all(f"{phase} " in line for line in timings), (phase, timings)
+    assert "compile " in timings[0] and "compile " not in timings[1]
     assert "eval @ 32 steps: success_once=" in proc.stdout
     (ckpt,) = glob.glob(str(tmp_path / "*" / "final_ckpt.pt"))
     payload = torch.load(ckpt, weights_only=True)
@@ -171,14 +227,20 @@ def test_ppo_rgb_fast_compile_on_cpu(tmp_path):
     assert proc.returncode == 2 and "acts from camera images" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("script", ["ppo_fast.py", "ppo_rgb_fast.py"])
-def test_cudagraphs_with_gpu_backend_without_cuda_is_refused(script, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    proc = run_script(script, [*TINY, "--sim-backend", "gpu", "--cudagraphs", "--output-dir", str(tmp_path / "o")],
-                      cwd=tmp_path)
-    assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "o").exists()
+@pytest.mark.parametrize("script,extra", [("ppo.py", []), ("ppo_fast.py", ["--cudagraphs"]),
+                                          ("ppo_rgb_fast.py", ["--cudagraphs"])])
+def test_gpu_backend_needs_cuda(script, extra, tmp_path):
+    proc = run_script(script, [*TINY, "--sim-backend", "gpu", *extra, "--no-capture-video",
+                               "--output-dir", str(tmp_path / "o")], cwd=tmp_path)
+    if not torch.cuda.is_available():  # one line, exit 2, nothing written
+        assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / "o").exists()
+    elif script == "ppo_rgb_fast.py" and not util.cuda_renders(torch.cuda.current_device()):
+        assert proc.returncode == 2 and proc.stderr.strip().endswith(util.NO_CUDA_VULKAN)
+    else:  # with CUDA: ManiSkill's GPU simulation, graphed where asked
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "backend: gpu" in proc.stdout and "device: cuda" in proc.stdout
+        assert CUDA_NOTICE not in proc.stdout and ("cudagraphs: True" in proc.stdout) == bool(extra)
 
 
 # ---------------------------------------------------------------------------------------------------------------
