@@ -10,7 +10,7 @@ TRAIN_ARGS ?= --env-id PickCube-v1 --expert-type ik --residual-scale 0.2
 TRAIN_GPU_ARGS ?= --sim-backend gpu --num-envs 1024 --total-timesteps 10000000
 TRAIN_CPU_ARGS ?= --sim-backend cpu --total-timesteps 300000
 
-.PHONY: setup train test bench bench-learning clean
+.PHONY: setup train test bench bench-learning gpu-check clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: setup
 # Residual PPO against plain PPO on PickCube-v1 (CPU, 8 envs, 6 runs of 300k steps): an hour or more on 2 cores.
 bench-learning: setup
 	$(PY) bench/learning.py --out bench/out/learning
+
+# On a CUDA GPU: tests/test_gpu.py, then steps/s and peak GPU memory of short training runs (8 minutes at most).
+gpu-check: setup
+	$(PY) bench/gpu.py --out bench/out/gpu.json
 
 clean:
 	rm -rf $(VENV) runs bench/out
