@@ -179,12 +179,12 @@ class IKExpert:
 
     def __init__(self, env_id: str, control_mode: str, gain: float = 1.0):
         if env_id not in TASK_PLANS:
-            raise UsageError(f"the IK expert has no plan for {env_id}; supported: {', '.join(TASK_PLANS)}")
+            raise ValueError(f"the IK expert has no plan for {env_id}; supported: {', '.join(TASK_PLANS)}")
         if control_mode not in IK_CONTROL_MODES:
-            raise UsageError(f"the IK expert cannot act in control mode {control_mode}; "
+            raise ValueError(f"the IK expert cannot act in control mode {control_mode}; "
                              f"supported: {', '.join(IK_CONTROL_MODES)}")
-        if gain <= 0:
-            raise UsageError(f"--ik-gain must be > 0, got {gain}")
+        if not gain > 0:
+            raise ValueError(f"the IK gain must be > 0, got {gain}")
         self.plan, self.control_mode, self.gain = TASK_PLANS[env_id], control_mode, gain
         self.ik: Optional[DifferentialIK] = None
 
@@ -320,9 +320,12 @@ def check_expert_args(expert_type: str, env_id: str, control_mode: str, model_pa
                       expert_fn: Optional[str], fusion: str = "mean") -> None:
     """Fail before any env is built or anything is written. ``expert_type`` may be a comma list."""
     types = expert_types(expert_type)
-    check_fusion(fusion, len(types))
-    if "ik" in types:
-        IKExpert(env_id, control_mode)
+    try:  # library code raises ValueError; here it is the command line's mistake
+        check_fusion(fusion, len(types))
+        if "ik" in types:
+            IKExpert(env_id, control_mode)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if "model" in types:
         if not model_path:
             raise UsageError("--expert-type model needs --model-path CHECKPOINT")

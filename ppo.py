@@ -223,27 +223,96 @@ def gae(rewards, values, dones, final_values, next_value, next_done, gamma: floa
     return advantages, advantages + values
 
 
+
+def bootstrap_values(get_value, info: dict, device) -> torch.Tensor:
+    """V(final observation) of each env whose episode ended at this step (``info["_final_info"]``), 0 elsewhere.
+
+    Every finished episode bootstraps from its last observation. Truncations need it; so do ManiSkill's
+    terminations, which mark success: without it, ending an episode by succeeding would forfeit the dense reward
+    still to come, and PPO would learn to avoid success.
+    """
+    done = info["_final_info"].to(device)
+    values = torch.zeros(done.shape[0], device=device)
+    with torch.no_grad():
+        values[done] = get_value(info["final_observation"].to(device)[done]).flatten()
+    return values
+
+
+def ppo_losses(agent: Agent, mb: dict, args: Args) -> dict:
+    """The PPO objective on one minibatch ``mb`` (obs, actions, logprobs, advantages, returns, vals,
+    residual_applied): the clipped surrogate, the value loss and the entropy, and the ratio's KL and clip
+    statistics."""
+    _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["actions"])
+    logratio = newlogprob - mb["logprobs"]
+    ratio = logratio.exp()
+    with torch.no_grad():
+        old_approx_kl = (-logratio).mean()
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+
+    advantages = mb["advantages"]
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    # Progressive exploration: where the coin said "expert alone", the sampled action had no effect, so its
+    # surrogate term has zero expectation; it is replaced by that zero, which removes only noise.
+    pg_loss = (torch.max(pg_loss1, pg_loss2) * mb["residual_applied"]).mean()
+
+    newvalue = newvalue.view(-1)
+    if args.clip_vloss:
+        v_loss_unclipped = (newvalue - mb["returns"]) ** 2
+        v_clipped = mb["vals"] + torch.clamp(newvalue - mb["vals"], -args.clip_coef, args.clip_coef)
+        v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - mb["returns"]) ** 2).mean()
+    else:
+        v_loss = 0.5 * ((newvalue - mb["returns"]) ** 2).mean()
+    return dict(pg_loss=pg_loss, v_loss=v_loss, entropy=entropy.mean(), approx_kl=approx_kl,
+                old_approx_kl=old_approx_kl, clipfrac=clipfrac)
+
 def check_args(args: Args) -> None:
-    """Reject bad input before any env is built or anything is written."""
+    """Reject bad input before any env is built or anything is written, in one line naming the flag."""
     util.check_env_id(args.env_id)
     experts.check_expert_args(args.expert_type, args.env_id, args.control_mode, args.model_path, args.expert_fn,
                               args.fusion)
+    util.check_flags(
+        ("--learning-rate", args.learning_rate, "> 0"),
+        ("--gamma", args.gamma, "in (0, 1]"),
+        ("--gae-lambda", args.gae_lambda, "in [0, 1]"),
+        ("--clip-coef", args.clip_coef, "> 0"),
+        ("--ent-coef", args.ent_coef, ">= 0"),
+        ("--vf-coef", args.vf_coef, ">= 0"),
+        ("--max-grad-norm", args.max_grad_norm, "> 0"),
+        ("--target-kl", args.target_kl, "> 0"),
+        ("--reward-scale", args.reward_scale, "> 0"),
+        ("--init-logstd", args.init_logstd, "finite"),
+        ("--residual-scale", args.residual_scale, ">= 0"),
+        ("--residual-scale-final", args.residual_scale_final, ">= 0"),
+        ("--expert-action-noise", args.expert_action_noise, ">= 0"),
+        ("--ik-gain", args.ik_gain, "> 0"),
+        ("--total-timesteps", args.total_timesteps, ">= 1"),
+        ("--num-envs", args.num_envs, ">= 1"),
+        ("--num-eval-envs", args.num_eval_envs, ">= 1"),
+        ("--num-steps", args.num_steps, ">= 1"),
+        ("--num-eval-steps", args.num_eval_steps, ">= 1"),
+        ("--num-minibatches", args.num_minibatches, ">= 1"),
+        ("--update-epochs", args.update_epochs, ">= 1"),
+        ("--eval-freq", args.eval_freq, ">= 1"),
+        ("--eval-reconfiguration-freq", args.eval_reconfiguration_freq, ">= 0"),
+        ("--keep-checkpoints", args.keep_checkpoints, ">= 0"),
+        ("--residual-warmup-steps", args.residual_warmup_steps, ">= 0"),
+        ("--critic-warmup-iters", args.critic_warmup_iters, ">= 0"),
+    )
+    if args.residual_scale_schedule not in util.SCALE_SCHEDULES:
+        raise util.UsageError(f"--residual-scale-schedule must be one of {', '.join(util.SCALE_SCHEDULES)}, "
+                              f"not '{args.residual_scale_schedule}'")
+    if args.residual_scale_schedule == "linear" and args.residual_scale_final is None:
+        raise util.UsageError("--residual-scale-schedule linear needs --residual-scale-final")
+    if args.residual_scale_schedule == "constant" and args.residual_scale_final is not None:
+        raise util.UsageError("--residual-scale-final needs --residual-scale-schedule linear")
     if args.evaluate and args.checkpoint is None:
         raise util.UsageError("--evaluate needs --checkpoint PATH")
     if args.evaluate and args.resume:
         raise util.UsageError("--evaluate and --resume exclude each other: evaluate a checkpoint, or resume its run")
-    if args.eval_reconfiguration_freq < 0:
-        raise util.UsageError(f"--eval-reconfiguration-freq must be >= 0 (0: never), got {args.eval_reconfiguration_freq}")
-    if args.keep_checkpoints < 0:
-        raise util.UsageError(f"--keep-checkpoints must be >= 0, got {args.keep_checkpoints}")
-    if args.num_envs < 1 or args.num_eval_envs < 1:
-        raise util.UsageError(f"--num-envs and --num-eval-envs must be >= 1, got {args.num_envs} and {args.num_eval_envs}")
-    if args.residual_scale < 0:
-        raise util.UsageError(f"--residual-scale must be >= 0, got {args.residual_scale}")
-    if args.critic_warmup_iters < 0:
-        raise util.UsageError(f"--critic-warmup-iters must be >= 0, got {args.critic_warmup_iters}")
-    if args.num_steps < 1 or args.num_minibatches < 1 or args.update_epochs < 1 or args.eval_freq < 1:
-        raise util.UsageError("--num-steps, --num-minibatches, --update-epochs and --eval-freq must be >= 1")
     batch_size = args.num_envs * args.num_steps
     if batch_size % args.num_minibatches:
         raise util.UsageError(f"--num-minibatches {args.num_minibatches} does not divide the batch of "
@@ -497,13 +566,7 @@ def main():
             if distributed.is_main:
                 train_metrics.add(infos)
             if "final_info" in infos:
-                # Bootstrap every finished episode from its last observation. Truncations need it; so do
-                # ManiSkill's terminations, which mark success: without it, ending an episode by succeeding
-                # would forfeit the dense reward still to come, and PPO would learn to avoid success.
-                bootstrap = infos["_final_info"].to(device)
-                with torch.no_grad():
-                    final_obs = infos["final_observation"].to(device)
-                    final_values[step, bootstrap] = agent.get_value(final_obs[bootstrap]).flatten()
+                final_values[step] = bootstrap_values(agent.get_value, infos, device)
 
         if stop.requested and not distributed.enabled:
             break
@@ -520,13 +583,9 @@ def main():
         timer.start("update")
         if update_threads:
             torch.set_num_threads(update_threads)
-        b_obs = obs_buf.reshape((-1, obs_dim))
-        b_logprobs = logprobs.reshape(-1)
-        b_actions = actions.reshape((-1, action_dim))
-        b_advantages = advantages.reshape(-1)
-        b_returns = returns.reshape(-1)
-        b_values = values.reshape(-1)
-        b_applied = residual_applied.reshape(-1)
+        batch = dict(obs=obs_buf.reshape((-1, obs_dim)), actions=actions.reshape((-1, action_dim)),
+                     logprobs=logprobs.reshape(-1), advantages=advantages.reshape(-1), returns=returns.reshape(-1),
+                     vals=values.reshape(-1), residual_applied=residual_applied.reshape(-1))
         critic_warmup = iteration <= args.critic_warmup_iters
 
         clipfracs = []
@@ -536,36 +595,14 @@ def main():
             b_inds = torch.randperm(batch_size, device=device)
             for start in range(0, batch_size, minibatch_size):
                 mb_inds = b_inds[start:start + minibatch_size]
-                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
-                logratio = newlogprob - b_logprobs[mb_inds]
-                ratio = logratio.exp()
-                with torch.no_grad():
-                    old_approx_kl = (-logratio).mean()
-                    approx_kl = distributed.mean(((ratio - 1) - logratio).mean())  # ranks stop together
-                    clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
+                losses = ppo_losses(agent, {k: v[mb_inds] for k, v in batch.items()}, args)
+                approx_kl = distributed.mean(losses["approx_kl"])  # ranks stop together
+                clipfracs.append(losses["clipfrac"])
                 if args.target_kl is not None and approx_kl > args.target_kl:
                     break
-
-                mb_advantages = b_advantages[mb_inds]
-                if args.norm_adv:
-                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-                pg_loss1 = -mb_advantages * ratio
-                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                # Progressive exploration: where the coin said "expert alone", the sampled action had no effect, so
-                # its surrogate term has zero expectation; it is replaced by that zero, which removes only noise.
-                pg_loss = (torch.max(pg_loss1, pg_loss2) * b_applied[mb_inds]).mean()
-
-                newvalue = newvalue.view(-1)
-                if args.clip_vloss:
-                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
-                    v_clipped = b_values[mb_inds] + torch.clamp(newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef)
-                    v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - b_returns[mb_inds]) ** 2).mean()
-                else:
-                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
-                entropy_loss = entropy.mean()
-                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+                loss = losses["pg_loss"] - args.ent_coef * losses["entropy"] + losses["v_loss"] * args.vf_coef
                 if critic_warmup:  # only the value loss: the actor's gradients stay None, so Adam skips them
-                    loss = v_loss * args.vf_coef
+                    loss = losses["v_loss"] * args.vf_coef
 
                 optimizer.zero_grad()
                 loss.backward()
@@ -597,16 +634,16 @@ def main():
             progress.write(f"iteration {iteration}: {timer.since_last_report()}")
         for k, v in train_metrics.means().items():
             writer.add_scalar(f"train/{k}", v, global_step)
-        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+        y_pred, y_true = batch["vals"].cpu().numpy(), batch["returns"].cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-        writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
-        writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
+        writer.add_scalar("losses/value_loss", losses["v_loss"].item(), global_step)
+        writer.add_scalar("losses/policy_loss", losses["pg_loss"].item(), global_step)
+        writer.add_scalar("losses/entropy", losses["entropy"].item(), global_step)
+        writer.add_scalar("losses/old_approx_kl", losses["old_approx_kl"].item(), global_step)
         writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
-        writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+        writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         for k, v in action_stats.items():
             writer.add_scalar(f"actions/{k}_abs_mean", float(v), global_step)

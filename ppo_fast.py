@@ -230,6 +230,47 @@ def gae(next_value, next_done, container, gamma: float, gae_lambda: float):
     return container
 
 
+def bootstrap_values(get_value, info: dict, device) -> torch.Tensor:
+    """V(final observation) of each env whose episode ended at this step (``info["_final_info"]``), 0 elsewhere,
+    as in ppo.py. The value is computed for every env and masked, which keeps the shapes static for compile and
+    graphs."""
+    with torch.no_grad():
+        final_value = get_value(info["final_observation"].to(device)).flatten()
+    return torch.where(info["_final_info"].to(device), final_value, 0.0)
+
+
+def ppo_losses(agent: Agent, mb: dict, args: Args) -> dict:
+    """The PPO objective on one minibatch ``mb`` (obs, actions, logprobs, advantages, returns, vals,
+    residual_applied): the clipped surrogate, the value loss and the entropy, and the ratio's KL and clip
+    statistics."""
+    _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["actions"])
+    logratio = newlogprob - mb["logprobs"]
+    ratio = logratio.exp()
+    with torch.no_grad():
+        old_approx_kl = (-logratio).mean()
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+
+    advantages = mb["advantages"]
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    # Progressive exploration: where the coin said "expert alone", the sampled action had no effect, so its
+    # surrogate term has zero expectation; it is replaced by that zero, which removes only noise.
+    pg_loss = (torch.max(pg_loss1, pg_loss2) * mb["residual_applied"]).mean()
+
+    newvalue = newvalue.view(-1)
+    if args.clip_vloss:
+        v_loss_unclipped = (newvalue - mb["returns"]) ** 2
+        v_clipped = mb["vals"] + torch.clamp(newvalue - mb["vals"], -args.clip_coef, args.clip_coef)
+        v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - mb["returns"]) ** 2).mean()
+    else:
+        v_loss = 0.5 * ((newvalue - mb["returns"]) ** 2).mean()
+    return dict(pg_loss=pg_loss, v_loss=v_loss, entropy=entropy.mean(), approx_kl=approx_kl,
+                old_approx_kl=old_approx_kl, clipfrac=clipfrac)
+
+
 def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args, actor_loss_weight: torch.Tensor,
                 step_enabled: torch.Tensor, distributed: util.Distributed = util.Distributed()) -> TensorDictModule:
     """One PPO gradient step on a minibatch, as a TensorDictModule so it compiles and graphs as a whole.
@@ -241,41 +282,21 @@ def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args, actor_loss
 
     def update(obs, actions, logprobs, advantages, returns, vals, residual_applied):
         optimizer.zero_grad()
-        _, newlogprob, entropy, newvalue = agent.get_action_and_value(obs, actions)
-        logratio = newlogprob - logprobs
-        ratio = logratio.exp()
-        with torch.no_grad():
-            old_approx_kl = (-logratio).mean()
-            approx_kl = distributed.mean(((ratio - 1) - logratio).mean())
-            clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
-            if args.target_kl is not None:
-                step_enabled.logical_and_(approx_kl <= args.target_kl)
-
-        if args.norm_adv:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        pg_loss1 = -advantages * ratio
-        pg_loss2 = -advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-        # Progressive exploration: where the coin said "expert alone", the sampled action had no effect, so
-        # its surrogate term has zero expectation; it is replaced by that zero, which removes only noise.
-        pg_loss = (torch.max(pg_loss1, pg_loss2) * residual_applied).mean()
-
-        newvalue = newvalue.view(-1)
-        if args.clip_vloss:
-            v_loss_unclipped = (newvalue - returns) ** 2
-            v_clipped = vals + torch.clamp(newvalue - vals, -args.clip_coef, args.clip_coef)
-            v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - returns) ** 2).mean()
-        else:
-            v_loss = 0.5 * ((newvalue - returns) ** 2).mean()
-        entropy_loss = entropy.mean()
+        losses = ppo_losses(agent, dict(obs=obs, actions=actions, logprobs=logprobs, advantages=advantages,
+                                        returns=returns, vals=vals, residual_applied=residual_applied), args)
+        approx_kl = distributed.mean(losses["approx_kl"])
+        if args.target_kl is not None:
+            step_enabled.logical_and_(approx_kl <= args.target_kl)
         # Critic warm-up without a branch a compiled or graphed update would have to retrace: a weight of 0
         # gives the actor's parameters zero gradients, and with Adam's moments still zero they do not move
-        loss = actor_loss_weight * (pg_loss - args.ent_coef * entropy_loss) + v_loss * args.vf_coef
+        loss = actor_loss_weight * (losses["pg_loss"] - args.ent_coef * losses["entropy"]) + losses["v_loss"] * args.vf_coef
 
         loss.backward()
         distributed.average_gradients(agent)
         grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
         util.step_where(optimizer, step_enabled)
-        return approx_kl, v_loss.detach(), pg_loss.detach(), entropy_loss.detach(), old_approx_kl, clipfrac, grad_norm
+        return (approx_kl, losses["v_loss"].detach(), losses["pg_loss"].detach(), losses["entropy"].detach(),
+                losses["old_approx_kl"], losses["clipfrac"], grad_norm)
 
     return TensorDictModule(
         update,
@@ -285,26 +306,49 @@ def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args, actor_loss
 
 
 def check_args(args: Args) -> None:
-    """Reject bad input before any env is built or anything is written."""
+    """Reject bad input before any env is built or anything is written, in one line naming the flag."""
     util.check_env_id(args.env_id)
     experts.check_expert_args(args.expert_type, args.env_id, args.control_mode, args.model_path, args.expert_fn,
                               args.fusion)
+    util.check_flags(
+        ("--learning-rate", args.learning_rate, "> 0"),
+        ("--gamma", args.gamma, "in (0, 1]"),
+        ("--gae-lambda", args.gae_lambda, "in [0, 1]"),
+        ("--clip-coef", args.clip_coef, "> 0"),
+        ("--ent-coef", args.ent_coef, ">= 0"),
+        ("--vf-coef", args.vf_coef, ">= 0"),
+        ("--max-grad-norm", args.max_grad_norm, "> 0"),
+        ("--target-kl", args.target_kl, "> 0"),
+        ("--reward-scale", args.reward_scale, "> 0"),
+        ("--init-logstd", args.init_logstd, "finite"),
+        ("--residual-scale", args.residual_scale, ">= 0"),
+        ("--residual-scale-final", args.residual_scale_final, ">= 0"),
+        ("--expert-action-noise", args.expert_action_noise, ">= 0"),
+        ("--ik-gain", args.ik_gain, "> 0"),
+        ("--total-timesteps", args.total_timesteps, ">= 1"),
+        ("--num-envs", args.num_envs, ">= 1"),
+        ("--num-eval-envs", args.num_eval_envs, ">= 1"),
+        ("--num-steps", args.num_steps, ">= 1"),
+        ("--num-eval-steps", args.num_eval_steps, ">= 1"),
+        ("--num-minibatches", args.num_minibatches, ">= 1"),
+        ("--update-epochs", args.update_epochs, ">= 1"),
+        ("--eval-freq", args.eval_freq, ">= 1"),
+        ("--eval-reconfiguration-freq", args.eval_reconfiguration_freq, ">= 0"),
+        ("--keep-checkpoints", args.keep_checkpoints, ">= 0"),
+        ("--residual-warmup-steps", args.residual_warmup_steps, ">= 0"),
+        ("--critic-warmup-iters", args.critic_warmup_iters, ">= 0"),
+    )
+    if args.residual_scale_schedule not in util.SCALE_SCHEDULES:
+        raise util.UsageError(f"--residual-scale-schedule must be one of {', '.join(util.SCALE_SCHEDULES)}, "
+                              f"not '{args.residual_scale_schedule}'")
+    if args.residual_scale_schedule == "linear" and args.residual_scale_final is None:
+        raise util.UsageError("--residual-scale-schedule linear needs --residual-scale-final")
+    if args.residual_scale_schedule == "constant" and args.residual_scale_final is not None:
+        raise util.UsageError("--residual-scale-final needs --residual-scale-schedule linear")
     if args.evaluate and args.checkpoint is None:
         raise util.UsageError("--evaluate needs --checkpoint PATH")
     if args.evaluate and args.resume:
         raise util.UsageError("--evaluate and --resume exclude each other: evaluate a checkpoint, or resume its run")
-    if args.eval_reconfiguration_freq < 0:
-        raise util.UsageError(f"--eval-reconfiguration-freq must be >= 0 (0: never), got {args.eval_reconfiguration_freq}")
-    if args.keep_checkpoints < 0:
-        raise util.UsageError(f"--keep-checkpoints must be >= 0, got {args.keep_checkpoints}")
-    if args.num_envs < 1 or args.num_eval_envs < 1:
-        raise util.UsageError(f"--num-envs and --num-eval-envs must be >= 1, got {args.num_envs} and {args.num_eval_envs}")
-    if args.residual_scale < 0:
-        raise util.UsageError(f"--residual-scale must be >= 0, got {args.residual_scale}")
-    if args.critic_warmup_iters < 0:
-        raise util.UsageError(f"--critic-warmup-iters must be >= 0, got {args.critic_warmup_iters}")
-    if args.num_steps < 1 or args.num_minibatches < 1 or args.update_epochs < 1 or args.eval_freq < 1:
-        raise util.UsageError("--num-steps, --num-minibatches, --update-epochs and --eval-freq must be >= 1")
     batch_size = args.num_envs * args.num_steps
     if batch_size % args.num_minibatches:
         raise util.UsageError(f"--num-minibatches {args.num_minibatches} does not divide the batch of "
@@ -632,11 +676,7 @@ def main():
             if distributed.is_main:
                 train_metrics.add(infos)
             if "final_info" in infos:
-                # Bootstrap every finished episode from its last observation, as ppo.py does. The value is
-                # computed for all envs and masked, which keeps the shapes static for compile and graphs.
-                with torch.no_grad():
-                    final_value = get_value(infos["final_observation"].to(device)).flatten()
-                container["final_values"][step] = torch.where(infos["_final_info"].to(device), final_value, 0.0)
+                container["final_values"][step] = bootstrap_values(get_value, infos, device)
 
         if stop.requested and not distributed.enabled:
             break

@@ -21,6 +21,7 @@ import difflib
 import functools
 import glob
 import hashlib
+import math
 import multiprocessing as mp
 import os
 import pickle
@@ -126,6 +127,24 @@ class GracefulStop:
 # ----------------------------------------------------------------------------------------------
 # Validation shared by every script
 # ----------------------------------------------------------------------------------------------
+def check_flags(*rules: tuple) -> None:
+    """Refuse, in one line, the first ``(flag, value, rule)`` whose value is not a finite number obeying ``rule``:
+    "> 0", ">= 1", "in (0, 1]", "in [0, 1]" or "finite". An optional flag left unset (None) passes."""
+    for flag, value, rule in rules:
+        if value is not None and not (math.isfinite(value) and _obeys(value, rule)):
+            raise UsageError(f"{flag} must be {rule}, got {value}")
+
+
+def _obeys(value: float, rule: str) -> bool:
+    if rule == "finite":
+        return True
+    if rule.startswith("in "):
+        low, high = (float(bound) for bound in rule[4:-1].split(","))
+        return (low < value if rule[3] == "(" else low <= value) and (value < high if rule[-1] == ")" else value <= high)
+    op, bound = rule.split()
+    return value > float(bound) if op == ">" else value >= float(bound)
+
+
 def check_env_id(env_id: str) -> None:
     if env_id not in gym.registry:
         close = difflib.get_close_matches(env_id, list(gym.registry.keys()), n=3, cutoff=0.5)
@@ -814,9 +833,9 @@ SCALE_SCHEDULES = ("constant", "linear")
 
 def check_fusion(fusion: str, num_experts: int) -> None:
     if fusion not in FUSIONS:
-        raise UsageError(f"--fusion must be one of {', '.join(FUSIONS)}, not '{fusion}'")
+        raise ValueError(f"--fusion must be one of {', '.join(FUSIONS)}, not '{fusion}'")
     if fusion == "learned" and num_experts < 2:
-        raise UsageError("--fusion learned mixes several experts; give at least two, e.g. --expert-type ik,zero")
+        raise ValueError("--fusion learned mixes several experts; give at least two, e.g. --expert-type ik,zero")
 
 
 def fused_action(expert_actions: torch.Tensor, policy_action: torch.Tensor, residual_scale: float,
@@ -867,18 +886,14 @@ class ResidualSchedule:
     total_steps: int = 1
     warmup_steps: int = 0
 
-    def __post_init__(self) -> None:  # bad flags fail when the schedule is built, before anything runs
+    def __post_init__(self) -> None:  # the scripts' check_args names the flags; this guards other callers
         if self.schedule not in SCALE_SCHEDULES:
-            raise UsageError(f"--residual-scale-schedule must be one of {', '.join(SCALE_SCHEDULES)}, "
-                             f"not '{self.schedule}'")
-        if self.schedule == "linear" and self.scale_final is None:
-            raise UsageError("--residual-scale-schedule linear needs --residual-scale-final")
-        if self.schedule == "constant" and self.scale_final is not None:
-            raise UsageError("--residual-scale-final needs --residual-scale-schedule linear")
-        if self.scale_final is not None and self.scale_final < 0:
-            raise UsageError(f"--residual-scale-final must be >= 0, got {self.scale_final}")
-        if self.warmup_steps < 0:
-            raise UsageError(f"--residual-warmup-steps must be >= 0, got {self.warmup_steps}")
+            raise ValueError(f"unknown residual scale schedule '{self.schedule}'; valid: {', '.join(SCALE_SCHEDULES)}")
+        if (self.schedule == "linear") != (self.scale_final is not None):
+            raise ValueError("a linear residual scale schedule, and only it, has a final scale")
+        if not (self.scale >= 0 and (self.scale_final is None or self.scale_final >= 0) and self.warmup_steps >= 0):
+            raise ValueError(f"residual scales and warm-up steps must be >= 0, got {self.scale}, {self.scale_final} "
+                             f"and {self.warmup_steps}")
 
     def scale_at(self, step: int) -> float:
         if self.schedule == "constant":
@@ -926,7 +941,6 @@ class ExpertResidualWrapper:
         residual_scale: float = 1.0,
         clip_final_action: bool = True,
         expert_action_noise: float = 0.0,
-        track_action_stats: bool = True,
         policy_obs_fn: Callable[[dict], Obs] = flat_state,
         fusion: str = "mean",
         timer: Optional["PhaseTimer"] = None,
@@ -934,8 +948,8 @@ class ExpertResidualWrapper:
         num_envs: int = 1,
         **env_kwargs,
     ):
-        if residual_scale < 0:
-            raise UsageError(f"the residual scale must be >= 0, got {residual_scale}")
+        if not residual_scale >= 0:
+            raise ValueError(f"the residual scale must be >= 0, got {residual_scale}")
         if env is None:
             if env_id is None:
                 raise ValueError("give either env or env_id")
@@ -951,9 +965,7 @@ class ExpertResidualWrapper:
         self.low = torch.as_tensor(self.single_action_space.low, device=self.device, dtype=torch.float32)
         self.high = torch.as_tensor(self.single_action_space.high, device=self.device, dtype=torch.float32)
         if expert_policy_fn is None:
-            from experts import ZeroExpert  # experts.py imports this module
-
-            expert_policy_fn = ZeroExpert(self.action_dim)
+            raise ValueError("give the expert (expert_policy_fn), e.g. experts.ZeroExpert(action_dim) for none")
         self.experts = list(expert_policy_fn) if isinstance(expert_policy_fn, (list, tuple)) else [expert_policy_fn]
         check_fusion(fusion, len(self.experts))
         self.fusion = fusion
@@ -962,30 +974,41 @@ class ExpertResidualWrapper:
         self.residual_prob = 1.0
         self.clip_final_action = clip_final_action
         self.expert_action_noise = expert_action_noise
-        self.track_action_stats = track_action_stats
         self.policy_obs_fn = policy_obs_fn
         self.timer = timer or PhaseTimer(self.device)  # the experts' time, under "expert"
         self.expert_actions: Optional[torch.Tensor] = None  # [N, experts, A] for the current observation
+        self._experts_checked = False
 
     def _expert_actions(self, obs: dict, noise: bool = True) -> torch.Tensor:
         with self.timer("expert"):
             return self._call_experts(obs, noise)
 
     def _call_experts(self, obs: dict, noise: bool) -> torch.Tensor:
-        actions = []
-        for expert in self.experts:
-            action = expert(obs)
-            if not isinstance(action, torch.Tensor) or action.shape != (self.num_envs, self.action_dim) \
-                    or not action.is_floating_point():
-                got = f"{type(action).__name__} {tuple(action.shape)} {action.dtype}" \
-                    if isinstance(action, torch.Tensor) else type(action).__name__
-                raise UsageError(f"the expert must return a float tensor of shape ({self.num_envs}, "
-                                 f"{self.action_dim}); it returned {got}")
-            actions.append(action.to(self.device, torch.float32))
+        actions = [expert(obs) for expert in self.experts]
+        if not self._experts_checked:  # at the first call only: the finiteness check waits for the GPU
+            for expert, action in zip(self.experts, actions):
+                self._check_expert_action(expert, action)
+            self._experts_checked = True
         actions = torch.stack(actions, dim=1)
         if noise and self.expert_action_noise > 0:
             actions = actions + self.expert_action_noise * torch.randn_like(actions)
         return actions
+
+    def _check_expert_action(self, expert, action) -> None:
+        """A user's expert that returns the wrong thing is named in one line, before the env sees its action."""
+        want = f"a float32 tensor of shape ({self.num_envs}, {self.action_dim}) on {self.device}"
+        if not isinstance(action, torch.Tensor):
+            got = type(action).__name__
+        elif action.shape != (self.num_envs, self.action_dim) or action.dtype != torch.float32 \
+                or action.device != self.device:
+            got = f"a {action.dtype} tensor of shape {tuple(action.shape)} on {action.device}"
+        elif not torch.isfinite(action).all():
+            got = f"non-finite values (nan or inf): {action.tolist()}"[:300]
+        else:
+            return
+        name = getattr(expert, "__qualname__", type(expert).__qualname__)
+        module = getattr(expert, "__module__", "") or type(expert).__module__
+        raise UsageError(f"expert {module}.{name} must return {want}; it returned {got}")
 
     def _policy_obs(self, obs: dict, expert_actions: torch.Tensor) -> Obs:
         return with_expert_action(self.policy_obs_fn(obs), expert_actions.flatten(1))
@@ -1016,10 +1039,9 @@ class ExpertResidualWrapper:
         obs, reward, terminated, truncated, info = self.env.step(action)
         info["residual_applied"] = torch.ones(self.num_envs, dtype=torch.bool, device=self.device) \
             if applied is None else applied
-        if self.track_action_stats:
-            residual = policy_action[:, :self.action_dim]
-            expert_abs, residual_abs, final_abs = torch.stack([base, residual, action]).abs().mean((1, 2))
-            info["action_stats"] = dict(expert=expert_abs, residual=residual_abs, final=final_abs)
+        residual = policy_action[:, :self.action_dim]
+        expert_abs, residual_abs, final_abs = torch.stack([base, residual, action]).abs().mean((1, 2))
+        info["action_stats"] = dict(expert=expert_abs, residual=residual_abs, final=final_abs)
         if "final_observation" in info:
             final_obs = info["final_observation"]
             info["final_observation"] = self._policy_obs(final_obs, self._expert_actions(final_obs, noise=False))

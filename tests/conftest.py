@@ -31,3 +31,61 @@ def tiny_run(script, out, *extra):
 def trained(tmp_path_factory):
     """One tiny ppo.py training run shared by the tests: (run directory, finished process)."""
     return tiny_run("ppo.py", tmp_path_factory.mktemp("runs"))
+
+
+# the IK-expert runs, one per script, each with the flags its tests need besides the expert at scale 0.2
+IK_RUN_FLAGS = {
+    "ppo.py": ["--keep-checkpoints", "1", "--no-capture-video"],
+    "ppo_rgb.py": ["--critic-warmup-iters", "2", "--total-timesteps", "48"],  # 3 iterations, with videos
+    "ppo_fast.py": ["--compile", "--cudagraphs", "--verbose", "--no-capture-video"],
+    "ppo_rgb_fast.py": ["--compile", "--no-capture-video"],
+}
+SMALL_CAMERA = ["--camera-width", "36", "--camera-height", "36"]
+
+
+@pytest.fixture(scope="session")
+def ik_run(tmp_path_factory):
+    """ik_run(script): on first use, a tiny run of `script` over the IK expert at residual scale 0.2, with
+    IK_RUN_FLAGS[script] (image scripts with 36x36 cameras): (run directory, finished process)."""
+    runs = {}
+
+    def run(script):
+        if script not in runs:
+            camera = SMALL_CAMERA if "rgb" in script else []
+            runs[script] = tiny_run(script, tmp_path_factory.mktemp(script[:-3]), "--expert-type", "ik",
+                                    "--residual-scale", "0.2", *IK_RUN_FLAGS[script], *camera)
+        return runs[script]
+
+    return run
+
+
+def run_main(script, args, cwd):
+    """Run `script`'s command line in this process, as `python script args` would run it (util.run_cli, exit code
+    included), for inputs the script refuses before training: it saves starting an interpreter and importing
+    torch and ManiSkill for every case. Returns (returncode, stdout, stderr)."""
+    import contextlib
+    import importlib
+    import io
+    import traceback
+
+    import util
+
+    module = importlib.import_module(script[:-3])
+    out, err = io.StringIO(), io.StringIO()
+    argv, here = sys.argv, os.getcwd()
+    sys.argv = [script, *args]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                util.run_cli(module.main)
+                code = 0
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())

@@ -8,7 +8,7 @@ import torch
 
 import experts
 import util
-from conftest import TINY, run_script
+from conftest import TINY, run_main
 
 
 def ik_successes(task, mode, episodes=10):
@@ -71,9 +71,9 @@ def test_differential_ik_moves_tcp_in_commanded_direction():
 
 
 def test_unsupported_task_or_mode_names_the_supported_ones():
-    with pytest.raises(util.UsageError, match="supported: PickCube-v1, StackCube-v1, PushCube-v1, PullCube-v1"):
+    with pytest.raises(ValueError, match="supported: PickCube-v1, StackCube-v1, PushCube-v1, PullCube-v1"):
         experts.IKExpert("PegInsertionSide-v1", "pd_ee_delta_pos")
-    with pytest.raises(util.UsageError, match="supported: pd_ee_delta_pos, pd_ee_delta_pose, pd_joint_delta_pos"):
+    with pytest.raises(ValueError, match="supported: pd_ee_delta_pos, pd_ee_delta_pose, pd_joint_delta_pos"):
         experts.IKExpert("PickCube-v1", "pd_joint_vel")
 
 
@@ -109,7 +109,7 @@ def test_model_expert_refuses_mismatched_and_corrupt_checkpoints(trained, tmp_pa
         (["--model-path", str(truncated)], "cannot be loaded"),
     ]
     for extra, message in cases:
-        proc = run_script("ppo.py", [*TINY, "--expert-type", "model", *extra, "--output-dir", str(tmp_path / "o")],
+        proc = run_main("ppo.py", [*TINY, "--expert-type", "model", *extra, "--output-dir", str(tmp_path / "o")],
                           cwd=tmp_path)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert not (tmp_path / "o").exists()

@@ -18,7 +18,7 @@ import experts
 import ppo
 import ppo_fast
 import util
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, run_main, run_script
 from test_reliability import ENDLESS, assert_gone, children, load, wait_for
 
 CUDA_NOTICE = "CUDA graphs need a CUDA device; continuing without them"
@@ -159,18 +159,8 @@ def test_update_stops_where_ppo_stops():
         torch.testing.assert_close(p, q - 0.1, rtol=0, atol=1e-6)
 
 
-def load_model_expert(ckpt, **env_kwargs):
-    """A model expert from `ckpt`, acting on ManiSkill's native one-env path: (expert, obs, env)."""
-    env = util.make_env("PickCube-v1", 1, sim_backend="physx_cpu", control_mode="pd_joint_delta_pos", **env_kwargs)
-    expert = experts.make_expert("model", "PickCube-v1", env, model_path=ckpt)
-    obs, _ = env.reset(seed=3)
-    return expert, obs, env
-
-
-def test_ppo_fast_compile_cudagraphs_on_cpu(tmp_path):
-    proc = run_script("ppo_fast.py", [*TINY, "--compile", "--cudagraphs", "--no-capture-video", "--verbose",
-                                      "--output-dir", str(tmp_path)], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_ppo_fast_compile_cudagraphs(ik_run):
+    run_dir, proc = ik_run("ppo_fast.py")  # --compile --cudagraphs --verbose
     assert proc.stdout.count(CUDA_NOTICE) == (0 if torch.cuda.is_available() else 1)
     assert COMPILE_LINE in proc.stdout
     # --verbose: where each iteration's time went, the compilation in the first iteration's line
@@ -181,57 +171,43 @@ def test_ppo_fast_compile_cudagraphs_on_cpu(tmp_path):
         assert all(f"{phase} " in line for line in timings), (phase, timings)
     assert "compile " in timings[0] and "compile " not in timings[1]
     assert "eval @ 32 steps: success_once=" in proc.stdout
-    (ckpt,) = glob.glob(str(tmp_path / "*" / "final_ckpt.pt"))
-    payload = torch.load(ckpt, weights_only=True)
+    payload = torch.load(os.path.join(run_dir, "final_ckpt.pt"), weights_only=True)
     assert payload["meta"]["network"] == "mlp-state" and payload["meta"]["script"] == "ppo_fast.py"
     assert not any(k.startswith("_orig_mod.") for k in payload["model"])
 
-    expert, obs, env = load_model_expert(ckpt)
-    try:  # trained with the zero expert and residual scale 1: the expert is the clipped actor mean
-        agent = ppo.Agent(payload["meta"]["obs_dim"], payload["meta"]["action_dim"])
-        agent.load_state_dict(payload["model"])
-        with torch.no_grad():
-            mean = agent.get_action(torch.cat([util.flat_state(obs), torch.zeros(1, 8)], dim=1), deterministic=True)
-        torch.testing.assert_close(expert(obs), mean.clamp(-1, 1))
-    finally:
-        env.close()
 
-
-def test_ppo_rgb_fast_compile_on_cpu(tmp_path):
-    proc = run_script("ppo_rgb_fast.py", [*TINY, "--compile", "--no-capture-video", "--camera-width", "64",
-                                          "--camera-height", "64", "--output-dir", str(tmp_path)], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_ppo_rgb_fast_compile_and_its_image_model_expert(ik_run):
+    run_dir, proc = ik_run("ppo_rgb_fast.py")  # --compile, 36x36 camera
     assert COMPILE_LINE in proc.stdout
-    (ckpt,) = glob.glob(str(tmp_path / "*" / "final_ckpt.pt"))
+    ckpt = os.path.join(run_dir, "final_ckpt.pt")
     payload = torch.load(ckpt, weights_only=True)
-    assert payload["meta"]["network"] == "cnn-rgb-state" and payload["meta"]["rgb_shape"] == [64, 64, 3]
+    assert payload["meta"]["network"] == "cnn-rgb-state" and payload["meta"]["rgb_shape"] == [36, 36, 3]
     assert not any(k.startswith("_orig_mod.") for k in payload["model"])
 
-    # an image expert acts from the run's cameras: same images and state -> same action as the agent's mean
-    expert, obs, env = load_model_expert(ckpt, obs_mode="state_dict+rgb", sensor_configs=dict(width=64, height=64))
+    # an image expert acts from the run's cameras: clip(IK + 0.2 x the agent's mean on the same images and state)
+    env = util.make_env("PickCube-v1", 1, sim_backend="physx_cpu", control_mode="pd_ee_delta_pos",
+                        obs_mode="state_dict+rgb", sensor_configs=dict(width=36, height=36))
     try:
         import ppo_rgb
 
-        agent = ppo_rgb.Agent([64, 64, 3], payload["meta"]["state_dim"], payload["meta"]["action_dim"])
+        expert = experts.make_expert("model", "PickCube-v1", env, model_path=ckpt)
+        obs, _ = env.reset(seed=3)
+        ik = experts.IKExpert("PickCube-v1", "pd_ee_delta_pos")(obs)
+        agent = ppo_rgb.Agent([36, 36, 3], payload["meta"]["state_dim"], payload["meta"]["action_dim"])
         agent.load_state_dict(payload["model"])
-        policy_obs = util.with_expert_action(util.image_policy_obs(env)(obs), torch.zeros(1, 8))
         with torch.no_grad():
-            mean = agent.get_action(policy_obs, deterministic=True)
-        torch.testing.assert_close(expert(obs), mean.clamp(-1, 1))
+            mean = agent.get_action(util.with_expert_action(util.image_policy_obs(env)(obs), ik), deterministic=True)
+        torch.testing.assert_close(expert(obs), (ik + 0.2 * mean).clamp(-1, 1))
     finally:
         env.close()
-
-    # a state run has no cameras: the image expert refuses with one line
-    proc = run_script("ppo.py", [*TINY, "--expert-type", "model", "--model-path", ckpt, "--output-dir",
-                                 str(tmp_path / "state")], cwd=tmp_path)
-    assert proc.returncode == 2 and "acts from camera images" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("script,extra", [("ppo.py", []), ("ppo_fast.py", ["--cudagraphs"]),
                                           ("ppo_rgb_fast.py", ["--cudagraphs"])])
 def test_gpu_backend_needs_cuda(script, extra, tmp_path):
-    proc = run_script(script, [*TINY, "--sim-backend", "gpu", *extra, "--no-capture-video",
-                               "--output-dir", str(tmp_path / "o")], cwd=tmp_path)
+    run = run_script if torch.cuda.is_available() else run_main
+    proc = run(script, [*TINY, "--sim-backend", "gpu", *extra, "--no-capture-video",
+                        "--output-dir", str(tmp_path / "o")], cwd=tmp_path)
     if not torch.cuda.is_available():  # one line, exit 2, nothing written
         assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr and "Traceback" not in proc.stderr
         assert not (tmp_path / "o").exists()
@@ -249,7 +225,7 @@ def test_gpu_backend_needs_cuda(script, extra, tmp_path):
 def test_ppo_fast_critic_warmup_progressive_exploration_and_learned_fusion(tmp_path):
     """3 iterations of 16 steps, the first 2 critic-only; the residual probability is 0, 0.25, 0.5."""
     args = [*TINY, "--total-timesteps", "48", "--critic-warmup-iters", "2", "--keep-checkpoints", "5",
-            "--expert-type", "ik,zero", "--fusion", "learned", "--residual-warmup-steps", "64",
+            "--expert-type", "ik,zero", "--fusion", "learned", "--residual-warmup-steps", "64", "--residual-scale", "0.5",
             "--control-mode", "pd_ee_delta_pos", "--no-capture-video", "--output-dir", str(tmp_path)]
     proc = run_script("ppo_fast.py", args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -274,6 +250,23 @@ def test_ppo_fast_critic_warmup_progressive_exploration_and_learned_fusion(tmp_p
     policy_loss = {e.step: e.value for e in events.Scalars("losses/policy_loss")}
     assert policy_loss[16] == 0.0 and policy_loss[32] != 0.0
     assert [e.value for e in events.Scalars("charts/residual_prob")] == [0.0, 0.25, 0.5]
+
+    # as a model expert it executes its learned mix: softmax(logits)-weighted IK and zero experts plus the scaled
+    # residual, computed here by hand from a mean set to residual (0.3, -0.2, 0.1, 0.9) and logits (2, -1)
+    mean = torch.tensor([0.3, -0.2, 0.1, 0.9, 2.0, -1.0])
+    final["model"]["actor_mean.6.weight"].zero_()
+    final["model"]["actor_mean.6.bias"].copy_(mean)
+    torch.save(final, tmp_path / "mix.pt")
+    env = util.make_env("PickCube-v1", 1, sim_backend="physx_cpu", control_mode="pd_ee_delta_pos")
+    try:
+        expert = experts.make_expert("model", "PickCube-v1", env, model_path=str(tmp_path / "mix.pt"))
+        obs, _ = env.reset(seed=1)
+        ik = experts.IKExpert("PickCube-v1", "pd_ee_delta_pos")(obs)
+        w_ik = torch.exp(torch.tensor(2.0)) / (torch.exp(torch.tensor(2.0)) + torch.exp(torch.tensor(-1.0)))
+        scale = final["meta"]["residual_scale"]
+        torch.testing.assert_close(expert(obs), (w_ik * ik + scale * mean[:4]).clamp(-1, 1))
+    finally:
+        env.close()
 
 
 def test_ppo_fast_sigint_checkpoints_closes_workers_and_exits_0(tmp_path):

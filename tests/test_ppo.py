@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import ppo
-from conftest import TINY, run_script
+from conftest import TINY, run_main
 
 
 def run(args, cwd):
-    return run_script("ppo.py", args, cwd)
+    """ppo.py's command line on inputs it refuses before training (in this process: see conftest.run_main)."""
+    return run_main("ppo.py", args, cwd)
 
 
 def test_act_is_get_action_and_value_bit_for_bit():
@@ -54,24 +55,13 @@ def test_training_writes_checkpoint_events_and_video(trained):
     assert ckpt["model"]["actor_mean.6.weight"].shape == (8, 256)
 
 
-def test_evaluate_loads_the_checkpoint(trained, tmp_path):
-    run_dir, _ = trained
-    ckpt = os.path.join(run_dir, "final_ckpt.pt")
-    proc = run(["--evaluate", "--checkpoint", ckpt, "--sim-backend", "cpu", "--num-eval-envs", "2",
-                "--no-capture-video", "--output-dir", str(tmp_path)], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "eval @ 0 steps: success_once=" in proc.stdout
-    (summary,) = glob.glob(str(tmp_path / "*" / "summary.json"))
-    assert json.load(open(summary))["checkpoint"] == ckpt
-
-
 BAD_INPUTS = [
     (["--env-id", "PickCub-v1"], "did you mean PickCube-v1"),
-    (["--num-envs", "0"], "--num-envs"),
+    (["--num-envs", "0"], "--num-envs must be >= 1, got 0"),
     (["--total-timesteps", "8"], "less than one batch"),
     (["--evaluate"], "--evaluate needs --checkpoint"),
     (["--num-minibatches", "3"], "does not divide"),
-    (["--residual-scale", "-0.5"], "--residual-scale"),
+    (["--residual-scale", "-0.5"], "--residual-scale must be >= 0, got -0.5"),
     (["--control-mode", "pd_foo"], "pd_foo not in supported modes"),
     (["--expert-type", "oracle"], "unknown expert type 'oracle'"),
     (["--expert-type", "ik", "--env-id", "PegInsertionSide-v1"], "supported: PickCube-v1"),
@@ -157,3 +147,42 @@ def test_checkpoint_and_output_misuse_is_refused(trained, tmp_path):
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (extra, proc.stderr[-2000:])
         assert not out.exists(), "bad input must not write anything"
     assert sorted(os.listdir(run_dir)) == before, "a refused resume must not touch the run"
+
+
+# every numeric flag of every script: a finite number in its range
+BAD_NUMBERS = [
+    (["--learning-rate", "-1"], "--learning-rate must be > 0, got -1.0"),
+    (["--gamma", "2"], "--gamma must be in (0, 1], got 2.0"),
+    (["--gamma", "0"], "--gamma must be in (0, 1], got 0.0"),
+    (["--gae-lambda", "1.5"], "--gae-lambda must be in [0, 1], got 1.5"),
+    (["--residual-scale", "nan"], "--residual-scale must be >= 0, got nan"),
+    (["--residual-scale", "inf"], "--residual-scale must be >= 0, got inf"),
+    (["--init-logstd", "-inf"], "--init-logstd must be finite, got -inf"),
+    (["--clip-coef", "0"], "--clip-coef must be > 0, got 0.0"),
+    (["--ent-coef", "-0.01"], "--ent-coef must be >= 0, got -0.01"),
+    (["--vf-coef", "nan"], "--vf-coef must be >= 0, got nan"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be > 0, got 0.0"),
+    (["--target-kl", "0"], "--target-kl must be > 0, got 0.0"),
+    (["--reward-scale", "-1"], "--reward-scale must be > 0, got -1.0"),
+    (["--expert-action-noise", "-0.1"], "--expert-action-noise must be >= 0, got -0.1"),
+    (["--ik-gain", "0"], "--ik-gain must be > 0, got 0.0"),
+    (["--residual-scale-schedule", "linear", "--residual-scale-final", "-1"],
+     "--residual-scale-final must be >= 0, got -1.0"),
+    (["--residual-scale-schedule", "cosine"], "--residual-scale-schedule must be one of constant, linear, not 'cosine'"),
+    (["--num-eval-steps", "0"], "--num-eval-steps must be >= 1, got 0"),
+    (["--update-epochs", "0"], "--update-epochs must be >= 1, got 0"),
+    (["--residual-warmup-steps", "-5"], "--residual-warmup-steps must be >= 0, got -5"),
+    (["--critic-warmup-iters", "-1"], "--critic-warmup-iters must be >= 0, got -1"),
+]
+
+
+@pytest.mark.parametrize("script", ["ppo.py", "ppo_rgb.py", "ppo_fast.py", "ppo_rgb_fast.py"])
+def test_numeric_flags_are_checked_in_every_script(script, tmp_path):
+    cases = BAD_NUMBERS + ([(["--camera-width", "20"], "--camera-width must be >= 36, got 20")] if "rgb" in script
+                           else [])
+    for extra, message in cases:
+        out = tmp_path / "runs"
+        proc = run_main(script, [*TINY, "--output-dir", str(out), *extra], cwd=tmp_path)
+        lines = [l for l in proc.stderr.splitlines() if l.strip() and "WARNING" not in l]
+        assert proc.returncode == 2 and lines == [f"error: {message}"], (script, extra, proc.stderr)
+        assert not out.exists()

@@ -19,10 +19,11 @@ def test_scale_schedule_gives_the_scale_at_chosen_steps():
     assert [warmup.residual_prob_at(s) for s in (0, 250, 1000, 3000)] == [0.0, 0.25, 1.0, 1.0]
     assert util.ResidualSchedule().residual_prob_at(0) == 1.0
     for bad, message in [(dict(schedule="cosine"), "constant, linear"),
-                         (dict(schedule="linear"), "needs --residual-scale-final"),
-                         (dict(scale_final=0.5), "needs --residual-scale-schedule linear"),
-                         (dict(warmup_steps=-1), "--residual-warmup-steps")]:
-        with pytest.raises(util.UsageError, match=message):
+                         (dict(schedule="linear"), "has a final scale"),
+                         (dict(scale_final=0.5), "has a final scale"),
+                         (dict(warmup_steps=-1), "must be >= 0"),
+                         (dict(scale=float("nan")), "must be >= 0")]:
+        with pytest.raises(ValueError, match=message):
             util.ResidualSchedule(**bad)
 
 

@@ -114,14 +114,23 @@ def test_action_stats_and_noise(native_env):
     assert stats["residual"].item() == pytest.approx(0.25)
 
 
+def nan_expert(obs):
+    return torch.full((1, 8), float("nan"))
+
+
 def test_bad_expert_output_is_reported_on_first_call(native_env):
-    wrapper = util.ExpertResidualWrapper(native_env, lambda obs: torch.zeros(1, 3))
-    with pytest.raises(util.UsageError, match=r"shape \(1, 8\)"):
-        wrapper.reset(seed=0)
-    wrapper = util.ExpertResidualWrapper(native_env, lambda obs: torch.zeros(1, 8, dtype=torch.int64))
-    with pytest.raises(util.UsageError, match="float tensor"):
-        wrapper.reset(seed=0)
-    with pytest.raises(util.UsageError, match="residual scale"):
+    """Named, with what it returned, before the env executes anything."""
+    want = r"must return a float32 tensor of shape \(1, 8\) on cpu; it returned "
+    for expert, got in [(lambda obs: torch.zeros(1, 3), r"a torch.float32 tensor of shape \(1, 3\)"),
+                        (lambda obs: torch.zeros(1, 8, dtype=torch.float64), "a torch.float64 tensor"),
+                        (lambda obs: [0.0] * 8, "list"),
+                        (nan_expert, r"non-finite values \(nan or inf\): \[\[nan, ")]:
+        wrapper = util.ExpertResidualWrapper(RecordingEnv(native_env), expert)
+        with pytest.raises(util.UsageError, match=want + got) as refusal:
+            wrapper.reset(seed=0)
+        assert "expert test_wrapper." in str(refusal.value)
+    assert "test_wrapper.nan_expert must" in str(refusal.value)
+    with pytest.raises(ValueError, match="residual scale"):
         util.ExpertResidualWrapper(native_env, ZeroExpert(8), residual_scale=-1)
 
 
@@ -186,5 +195,5 @@ def test_learned_fusion_starts_at_the_mean_and_logits_pick_an_expert(native_env)
     torch.testing.assert_close(rec.executed[-1], torch.full((1, 8), 0.3))
     wrapper.step(torch.cat([torch.full((1, 8), 0.2), torch.tensor([[-30.0, 30.0]])], dim=1))
     torch.testing.assert_close(rec.executed[-1], torch.full((1, 8), 0.5 + 0.5 * 0.2))
-    with pytest.raises(util.UsageError, match="at least two"):
+    with pytest.raises(ValueError, match="at least two"):
         util.ExpertResidualWrapper(native_env, ConstantExpert(EXPERT), fusion="learned")

@@ -1,0 +1,125 @@
+"""What every script's checkpoint holds and does: --evaluate's metrics over the IK expert, the model expert's
+composition (base, scale, learned mix), the image policy's state size, and the files a run keeps."""
+
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+import experts
+import util
+from conftest import SMALL_CAMERA, TINY, run_script
+
+SCRIPTS = ["ppo.py", "ppo_rgb.py", "ppo_fast.py", "ppo_rgb_fast.py"]
+
+
+def camera(script):
+    return SMALL_CAMERA if "rgb" in script else []
+
+
+def with_head(path, out, bias):
+    """A copy of checkpoint ``path`` whose policy mean is ``bias`` everywhere: the last actor layer's weights zero
+    and its bias ``bias``."""
+    payload = torch.load(path, weights_only=True)
+    last = max((k for k in payload["model"] if k.startswith("actor_mean.") and k.endswith(".weight")),
+               key=lambda k: int(k.split(".")[1]))
+    payload["model"][last].zero_()
+    payload["model"][last.replace("weight", "bias")].copy_(torch.as_tensor(bias))
+    torch.save(payload, out)
+    return str(out)
+
+
+def test_a_run_keeps_the_newest_numbered_checkpoints(ik_run):
+    run_dir = ik_run("ppo.py")[0]  # two iterations, --keep-checkpoints 1
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "*.pt"))) == \
+        ["ckpt_2.pt", "final_ckpt.pt", "latest.pt"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_evaluate_scores_the_expert_under_a_zero_residual(script, ik_run, tmp_path):
+    """A zero residual head executes the IK expert alone, which solves PickCube-v1: --evaluate must report it."""
+    zero = with_head(os.path.join(ik_run(script)[0], "final_ckpt.pt"), tmp_path / "zero.pt", torch.zeros(4))
+    proc = run_script(script, ["--evaluate", "--checkpoint", zero, "--expert-type", "ik", "--sim-backend", "cpu",
+                               "--num-eval-envs", "2", "--no-capture-video", "--eval-reconfiguration-freq", "0",
+                               *camera(script), "--output-dir", str(tmp_path / "eval")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (summary,) = glob.glob(str(tmp_path / "eval" / "*" / "summary.json"))
+    metrics = json.load(open(summary))["eval"]
+    assert json.load(open(summary))["checkpoint"] == zero
+    assert metrics["episodes"] == 2 and metrics["episode_len"] == 50
+    assert metrics["success_once"] >= 0.8 and metrics["success_at_end"] <= metrics["success_once"], metrics
+
+
+def test_model_expert_is_the_clipped_sum_of_its_base_and_scaled_mean(ik_run, tmp_path):
+    """A checkpoint trained over IK at scale 0.2, its policy mean set to a large constant: the expert executes
+    clip(IK + 0.2 * mean), computed here from the IK expert and the network by hand."""
+    import ppo
+
+    mean = torch.tensor([0.5, -4.0, 0.3, 6.0])
+    path = with_head(os.path.join(ik_run("ppo_fast.py")[0], "final_ckpt.pt"), tmp_path / "head.pt", mean)
+    env = util.make_env("PickCube-v1", 1, sim_backend="physx_cpu", control_mode="pd_ee_delta_pos")
+    try:
+        expert = experts.make_expert("model", "PickCube-v1", env, model_path=path)
+        ik = experts.IKExpert("PickCube-v1", "pd_ee_delta_pos")
+        payload = torch.load(path, weights_only=True)
+        agent = ppo.Agent(payload["meta"]["obs_dim"], payload["meta"]["action_dim"])
+        agent.load_state_dict(payload["model"])
+        obs, _ = env.reset(seed=2)
+        for _ in range(4):
+            with torch.no_grad():
+                got = expert(obs)
+                policy_mean = agent.get_action(torch.cat([util.flat_state(obs), ik(obs)], dim=1), deterministic=True)
+            torch.testing.assert_close(policy_mean, mean[None])
+            want = (ik(obs) + 0.2 * mean).clamp(-1, 1)
+            torch.testing.assert_close(got, want)
+            assert want[0, 3] == 1.0 and want[0, 1] < ik(obs)[0, 1], "the clip and the scale both show"
+            obs, *_ = env.step(got)
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("script", ["ppo_rgb.py", "ppo_rgb_fast.py"])
+def test_image_checkpoints_record_the_policy_state_size(script, ik_run):
+    """PickCube-v1 in ManiSkill's "rgb" mode: qpos 9 + qvel 9 + is_grasped 1, tcp_pose 7, goal_pos 3, and the
+    IK expert's action 4 (pd_ee_delta_pos) = 33; no object pose."""
+    meta = torch.load(os.path.join(ik_run(script)[0], "final_ckpt.pt"), weights_only=True)["meta"]
+    assert meta["state_dim"] == 33 and meta["rgb_shape"] == [36, 36, 3]
+
+
+# ManiSkill's "rgb"-mode extras of each task (its _get_obs_extra without state), plus qpos 9 and qvel 9, plus the
+# IK expert's action (4 in pd_ee_delta_pos)
+RGB_POLICY_STATE = {"PickCube-v1": 18 + (1 + 7 + 3) + 4, "StackCube-v1": 18 + 7 + 4, "PushCube-v1": 18 + 7 + 4,
+                    "PullCube-v1": 18 + (7 + 3) + 4}
+
+
+def test_image_policy_state_on_the_cpu_backend_for_every_ik_task():
+    for task, want in RGB_POLICY_STATE.items():
+        env = util.make_env(task, 1, sim_backend="cpu", obs_mode="state_dict+rgb", control_mode="pd_ee_delta_pos",
+                            sensor_configs=dict(width=36, height=36))
+        try:
+            ik = experts.IKExpert(task, env.control_mode)
+            for include_state, size in ((True, want), (False, 4)):
+                wrapper = util.ExpertResidualWrapper(env, ik, policy_obs_fn=util.image_policy_obs(env, include_state))
+                obs, _ = wrapper.reset(seed=0)
+                assert obs["state"].shape == (1, size), (task, include_state)
+                assert obs["rgb"].shape[:3] == (1, 36, 36) and obs["rgb"].dtype == torch.uint8
+        finally:
+            env.close()
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused_unexecuted(tmp_path):
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):  # what unpickling would run
+            return (open, (str(marker), "w"))
+
+    torch.save({"model": Payload(), "meta": {}}, tmp_path / "evil.pt")
+    proc = run_script("ppo.py", [*TINY, "--evaluate", "--checkpoint", str(tmp_path / "evil.pt"), "--output-dir",
+                                 str(tmp_path / "runs")], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "WARNING" not in line]
+    assert len(lines) == 1 and "evil.pt' cannot be loaded" in lines[0], proc.stderr
+    assert not marker.exists() and not (tmp_path / "runs").exists()
