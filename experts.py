@@ -10,7 +10,7 @@ Every expert satisfies one interface, ``expert(obs: dict) -> torch.Tensor``, whe
 - custom: ``load_expert_fn("path/to/file.py:function")`` or ``"package.module:function"``.
 
 ``--expert-type`` may name several experts (``ik,zero``): ``make_experts`` builds them all, and the
-wrapper shows the policy every expert action and fuses them (``util.fused_action``).
+wrapper shows the policy every expert action and fuses them (``util.compose_action``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import os
 from typing import Callable, Optional
 
 import torch
+import torch.nn as nn
 
-from util import (UsageError, check_checkpoint, check_fusion, flat_state, fused_action, image_policy_obs,
+from util import (UsageError, check_checkpoint, check_fusion, compose_action, flat_state, image_policy_obs,
                   load_checkpoint, with_expert_action)
 
 ExpertFn = Callable[[dict], torch.Tensor]
@@ -208,13 +209,6 @@ class IKExpert:
 # ----------------------------------------------------------------------------------------------
 # Model expert
 # ----------------------------------------------------------------------------------------------
-# network name in a checkpoint -> (script module, class, the metadata its constructor takes)
-NETWORKS = {
-    "mlp-state": ("ppo", "Agent", ("obs_dim", "action_dim")),
-    "cnn-rgb-state": ("ppo_rgb", "Agent", ("rgb_shape", "state_dim", "action_dim")),
-}
-
-
 def _obs_signature(policy_obs) -> dict:
     """The checkpoint metadata a policy observation must match."""
     if isinstance(policy_obs, dict):
@@ -222,57 +216,73 @@ def _obs_signature(policy_obs) -> dict:
     return dict(obs_dim=policy_obs.shape[1])
 
 
+def mlp_actor(state_dict: dict) -> nn.Sequential:
+    """The policy mean of a state checkpoint, rebuilt from its tensors' shapes: the ``actor_mean.<i>.weight`` and
+    ``.bias`` entries are Linear layers with a Tanh between each two, as in ppo.py's and ppo_fast.py's Agent."""
+    indices = sorted({int(key.split(".")[1]) for key in state_dict if key.startswith("actor_mean.")})
+    layers = []
+    for n, i in enumerate(indices):
+        out_features, in_features = state_dict[f"actor_mean.{i}.weight"].shape
+        layers += [nn.Linear(in_features, out_features)] + ([nn.Tanh()] if n < len(indices) - 1 else [])
+    actor = nn.Sequential(*layers)
+    actor.load_state_dict({f"{2 * n}.{p}": state_dict[f"actor_mean.{i}.{p}"]
+                           for n, i in enumerate(indices) for p in ("weight", "bias")})
+    return actor
+
+
 class ModelExpert:
     """The deterministic policy of a checkpoint written by these scripts.
 
-    It executes what the trained system would: ``clip(base + scale * actor_mean)``, where the base comes
-    from the inner experts rebuilt from the checkpoint's own metadata (e.g. the IK expert it was trained
-    on), fused as in training (``util.fused_action``). A state policy reads the privileged state; an
-    image policy needs the run's cameras (ppo_rgb.py, ppo_rgb_fast.py).
+    It executes what the trained system would: ``clip(base + scale * actor_mean)``, where the base comes from the
+    inner experts rebuilt from the checkpoint's own metadata (e.g. the IK expert it was trained on), fused as in
+    training (``util.compose_action``). A state policy ("mlp-state") is rebuilt here and reads the privileged
+    state, so it serves every script. An image policy ("cnn-rgb-state") needs the run's cameras and the image
+    scripts' network, which those scripts hand over as ``image_agent``.
     """
 
-    def __init__(self, path: str, env_id: str, env):
+    def __init__(self, path: str, env_id: str, env, image_agent: Optional[type] = None):
         device = torch.device(env.device)
         payload = load_checkpoint(path, map_location=device)
         meta = payload["meta"]
         check_checkpoint(payload, path, env_id=env_id, control_mode=env.control_mode)
-        if meta.get("network") not in NETWORKS:
-            raise UsageError(f"checkpoint '{path}' holds network {meta.get('network')} (written by "
-                             f"{meta.get('script')}); the model expert rebuilds {', '.join(NETWORKS)}")
+        network, self.path, self.env_id = meta.get("network"), path, env_id
+        if network == "cnn-rgb-state" and image_agent is None:
+            raise UsageError(f"checkpoint '{path}' ({meta.get('script')}) acts from camera images; use it as the "
+                             f"expert of ppo_rgb.py or ppo_rgb_fast.py")
+        if network not in ("mlp-state", "cnn-rgb-state"):
+            raise UsageError(f"checkpoint '{path}' holds network {network} (written by {meta.get('script')}); the "
+                             f"model expert rebuilds mlp-state and cnn-rgb-state")
         train_args = meta["args"]
         self.inner = make_experts(train_args["expert_type"], env_id, env, ik_gain=train_args.get("ik_gain", 1.0),
-                                  model_path=train_args.get("model_path"), expert_fn=train_args.get("expert_fn"))
+                                  model_path=train_args.get("model_path"), expert_fn=train_args.get("expert_fn"),
+                                  image_agent=image_agent)
         self.fusion = train_args.get("fusion", "mean")
         action_dim = int(env.single_action_space.shape[0])
         check_checkpoint(payload, path, action_dim=action_dim + (len(self.inner) if self.fusion == "learned" else 0))
-        module, name, arg_keys = NETWORKS[meta["network"]]
-        agent = getattr(importlib.import_module(module), name)(*(meta[k] for k in arg_keys))
-        agent.load_state_dict(payload["model"])
-        self.agent = agent.to(device).eval()
-        self.images = "rgb_shape" in arg_keys
-        if self.images:
-            self.policy_obs_fn = image_policy_obs(env, train_args["include_state"])
-        else:  # image runs carry camera data next to the state: the state policy reads only the state
+        if network == "mlp-state":
+            self.actor = mlp_actor(payload["model"]).to(device)
+            self.signature = dict(obs_dim=meta["obs_dim"])
+            # image runs carry camera data next to the state: the state policy reads only the state
             self.policy_obs_fn = lambda obs: flat_state(dict(agent=obs["agent"], extra=obs["extra"]))
+        else:
+            agent = image_agent(meta["rgb_shape"], meta["state_dim"], meta["action_dim"])
+            agent.load_state_dict(payload["model"])
+            self.actor = agent.to(device).get_action
+            self.signature = dict(rgb_shape=meta["rgb_shape"], state_dim=meta["state_dim"])
+            self.policy_obs_fn = image_policy_obs(env, train_args["include_state"])
         self.scale = meta["residual_scale"]
-        self.signature = {k: meta[k] for k in arg_keys if k != "action_dim"}
-        self.path, self.env_id, self.script = path, env_id, meta.get("script")
-        self.low = torch.as_tensor(env.single_action_space.low, device=device)
-        self.high = torch.as_tensor(env.single_action_space.high, device=device)
+        self.bounds = (torch.as_tensor(env.single_action_space.low, device=device),
+                       torch.as_tensor(env.single_action_space.high, device=device))
 
     @torch.no_grad()
     def __call__(self, obs: dict) -> torch.Tensor:
-        if self.images and "sensor_data" not in obs:
-            raise UsageError(f"checkpoint '{self.path}' ({self.script}) acts from camera images; use it as the "
-                             f"expert of ppo_rgb.py or ppo_rgb_fast.py")
         expert_actions = torch.stack([expert(obs) for expert in self.inner], dim=1)
         policy_obs = with_expert_action(self.policy_obs_fn(obs), expert_actions.flatten(1))
         signature = _obs_signature(policy_obs)
         if signature != self.signature:
             raise UsageError(f"checkpoint '{self.path}' was trained on observations {self.signature} but "
                              f"{self.env_id} gives {signature}")
-        policy_action = self.agent.get_action(policy_obs, deterministic=True)
-        return torch.clamp(fused_action(expert_actions, policy_action, self.scale, self.fusion), self.low, self.high)
+        return compose_action(expert_actions, self.actor(policy_obs), self.scale, self.fusion, bounds=self.bounds)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,14 +347,15 @@ def check_expert_args(expert_type: str, env_id: str, control_mode: str, model_pa
 
 
 def make_expert(expert_type: str, env_id: str, env, ik_gain: float = 1.0, model_path: Optional[str] = None,
-                expert_fn: Optional[str] = None) -> ExpertFn:
-    """Build one expert named on the command line for a backend env (``util.make_env``)."""
+                expert_fn: Optional[str] = None, image_agent: Optional[type] = None) -> ExpertFn:
+    """Build one expert named on the command line for a backend env (``util.make_env``). ``image_agent``: the
+    image scripts' Agent class, which a model expert needs to rebuild an image checkpoint."""
     if expert_type == "zero":
         return ZeroExpert(int(env.single_action_space.shape[0]))
     if expert_type == "ik":
         return IKExpert(env_id, env.control_mode, ik_gain)
     if expert_type == "model":
-        return ModelExpert(model_path, env_id, env)
+        return ModelExpert(model_path, env_id, env, image_agent)
     if expert_type == "custom":
         return load_expert_fn(expert_fn)
     raise _unknown_expert(expert_type)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import experts
 import util
 
-SCRIPT = "ppo.py"
+SCRIPT = os.path.basename(__file__)
 NETWORK = "mlp-state"  # checkpoints record which network they hold, so a wrong script refuses them
 
 
@@ -176,11 +176,9 @@ class Agent(nn.Module):
     def get_value(self, x):
         return self.critic(x)
 
-    def get_action(self, x, deterministic=False):
-        action_mean = self.actor_mean(x)
-        if deterministic:
-            return action_mean
-        return Normal(action_mean, torch.exp(self.actor_logstd.expand_as(action_mean))).sample()
+    def get_action(self, x):
+        """The deterministic action, the policy's mean: for eval, and as a model expert."""
+        return self.actor_mean(x)
 
     def act(self, x):
         """The rollout's policy step: the sampled action, its log-probability and the value, bit for bit as
@@ -353,7 +351,7 @@ def main():
         util.check_checkpoint(checkpoint, args.checkpoint, network=NETWORK, env_id=args.env_id,
                               expert_type=args.expert_type)
     if args.resume:
-        util.check_resume(checkpoint, args.checkpoint, args)
+        util.check_resume(checkpoint, args.checkpoint, args, distributed.world_size)
     resume = checkpoint["resume"] if args.resume else None
 
     batch_size = args.num_envs * args.num_steps  # per rank
@@ -384,15 +382,15 @@ def main():
                                    reconfiguration_freq=args.eval_reconfiguration_freq, **env_kwargs)
     if not args.evaluate:
         envs = util.make_env(args.env_id, args.num_envs, ignore_terminations=not args.partial_reset, **env_kwargs)
-    expert = experts.make_experts(args.expert_type, args.env_id, envs if eval_envs is None else eval_envs,
-                                  ik_gain=args.ik_gain, model_path=args.model_path, expert_fn=args.expert_fn)
+    expert_fns = experts.make_experts(args.expert_type, args.env_id, envs if eval_envs is None else eval_envs,
+                                      ik_gain=args.ik_gain, model_path=args.model_path, expert_fn=args.expert_fn)
     if eval_envs is not None:
-        eval_envs = util.ExpertResidualWrapper(eval_envs, expert, args.residual_scale, args.clip_final_action,
+        eval_envs = util.ExpertResidualWrapper(eval_envs, expert_fns, args.residual_scale, args.clip_final_action,
                                                fusion=args.fusion)
         num_eval_steps = args.num_eval_steps or eval_envs.max_episode_steps
         obs, _ = eval_envs.reset(seed=args.seed + 1_000_000)
     if envs is not None:
-        envs = util.ExpertResidualWrapper(envs, expert, args.residual_scale, args.clip_final_action,
+        envs = util.ExpertResidualWrapper(envs, expert_fns, args.residual_scale, args.clip_final_action,
                                           expert_action_noise=args.expert_action_noise, fusion=args.fusion)
         obs, _ = envs.reset(seed=seed)  # training starts from this observation (unless it resumes)
     # the policy's action: the residual, plus one fusion logit per expert with --fusion learned
@@ -405,6 +403,7 @@ def main():
         agent.load_state_dict(checkpoint["model"])
     distributed.broadcast_parameters(agent)  # every rank starts from rank 0's weights
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: one pass over all parameters
+    warmup = util.CriticWarmup(agent, optimizer, args.critic_warmup_iters, device)
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
 
@@ -457,19 +456,17 @@ def main():
                                         args.keep_checkpoints)
 
     def evaluate(global_step: int) -> dict:
-        agent.eval()
         obs, _ = eval_envs.reset()
         episodes, frames = util.EpisodeMetrics(), []
         for _ in range(num_eval_steps):
             with torch.no_grad():
-                action = agent.get_action(obs.to(device), deterministic=True)
+                action = agent.get_action(obs.to(device))
             obs, _, _, _, info = eval_envs.step(action)
             if video_dir:
                 frames.append(eval_envs.render())
             episodes.add(info)
         if frames:
             util.save_video(frames, os.path.join(video_dir, f"eval_{global_step}.mp4"))
-        agent.train()
         return episodes.means()
 
     def eval_line(metrics: dict, global_step: int) -> str:
@@ -586,7 +583,7 @@ def main():
         batch = dict(obs=obs_buf.reshape((-1, obs_dim)), actions=actions.reshape((-1, action_dim)),
                      logprobs=logprobs.reshape(-1), advantages=advantages.reshape(-1), returns=returns.reshape(-1),
                      vals=values.reshape(-1), residual_applied=residual_applied.reshape(-1))
-        critic_warmup = iteration <= args.critic_warmup_iters
+        warmup.start_iteration(iteration)
 
         clipfracs = []
         # nan or inf anywhere stays in these sums, checked once after the update (no host sync per minibatch)
@@ -600,13 +597,13 @@ def main():
                 clipfracs.append(losses["clipfrac"])
                 if args.target_kl is not None and approx_kl > args.target_kl:
                     break
-                loss = losses["pg_loss"] - args.ent_coef * losses["entropy"] + losses["v_loss"] * args.vf_coef
-                if critic_warmup:  # only the value loss: the actor's gradients stay None, so Adam skips them
-                    loss = losses["v_loss"] * args.vf_coef
+                loss = warmup.weight * (losses["pg_loss"] - args.ent_coef * losses["entropy"]) \
+                    + losses["v_loss"] * args.vf_coef
 
                 optimizer.zero_grad()
                 loss.backward()
                 distributed.average_gradients(agent)
+                warmup.mask_gradients()
                 grad_norm_sum += nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 loss_sum += loss.detach()
                 optimizer.step()

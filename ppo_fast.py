@@ -31,7 +31,7 @@ from tqdm import tqdm
 import experts
 import util
 
-SCRIPT = "ppo_fast.py"
+SCRIPT = os.path.basename(__file__)
 NETWORK = "mlp-state"  # the same network as ppo.py: checkpoints of either script load in both
 
 
@@ -185,20 +185,20 @@ class Agent(nn.Module):
     def get_value(self, x):
         return self.critic(x)
 
-    def get_action(self, x, deterministic=False):
-        action_mean = self.actor_mean(x)
-        if deterministic:
-            return action_mean
-        return Normal(action_mean, torch.exp(self.actor_logstd.expand_as(action_mean))).sample()
+    def get_action(self, x):
+        """The deterministic action, the policy's mean: for eval, and as a model expert."""
+        return self.actor_mean(x)
 
     def act(self, x):
-        """The rollout's policy step: a sampled action, its log-probability and the value. The distribution
-        is get_action_and_value's, written out: no distribution object and no entropy on the per-step path."""
+        """The rollout's policy step: the sampled action, its log-probability and the value, bit for bit as
+        get_action_and_value gives them, without a distribution object or an entropy."""
         action_mean = self.actor_mean(x)
-        action_logstd = self.actor_logstd.expand_as(action_mean)
-        noise = torch.randn_like(action_mean)
-        logprob = (-0.5 * noise.square() - action_logstd - 0.5 * math.log(2 * math.pi)).sum(1)
-        return action_mean + action_logstd.exp() * noise, logprob, self.critic(x)
+        action_std = torch.exp(self.actor_logstd.expand_as(action_mean))
+        action = action_mean + action_std * torch.randn_like(action_mean)
+        # Normal.log_prob's own expression, so that the update's first ratios are exactly 1
+        logprob = -((action - action_mean) ** 2) / (2 * action_std**2) - action_std.log() \
+            - math.log(math.sqrt(2 * math.pi))
+        return action, logprob.sum(1), self.critic(x)
 
     def get_action_and_value(self, x, action=None):
         action_mean = self.actor_mean(x)
@@ -271,13 +271,13 @@ def ppo_losses(agent: Agent, mb: dict, args: Args) -> dict:
                 old_approx_kl=old_approx_kl, clipfrac=clipfrac)
 
 
-def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args, actor_loss_weight: torch.Tensor,
+def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args, warmup: util.CriticWarmup,
                 step_enabled: torch.Tensor, distributed: util.Distributed = util.Distributed()) -> TensorDictModule:
     """One PPO gradient step on a minibatch, as a TensorDictModule so it compiles and graphs as a whole.
-    ``actor_loss_weight`` (0-dim, 1 or 0) weighs the policy and entropy terms: 0 during critic warm-up.
-    ``step_enabled`` (0-dim bool) lets the optimizer step happen (util.step_where). The update clears it when the
-    minibatch's approximate KL exceeds --target-kl: that minibatch and the rest of the update then leave the
-    weights and Adam's state as they are, which is ppo.py's early stop, decided without waiting for the GPU.
+    ``warmup`` (util.CriticWarmup) weighs the policy terms and the actor's gradients: 0 during the critic
+    warm-up. ``step_enabled`` (0-dim bool) lets the optimizer step happen (util.step_where). The update clears it
+    when the minibatch's approximate KL exceeds --target-kl: that minibatch and the rest of the update then leave
+    the weights and Adam's state as they are, which is ppo.py's early stop, decided without waiting for the GPU.
     Under torchrun the KL and the gradients are averaged over the ranks, so that the ranks decide alike."""
 
     def update(obs, actions, logprobs, advantages, returns, vals, residual_applied):
@@ -287,12 +287,11 @@ def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args, actor_loss
         approx_kl = distributed.mean(losses["approx_kl"])
         if args.target_kl is not None:
             step_enabled.logical_and_(approx_kl <= args.target_kl)
-        # Critic warm-up without a branch a compiled or graphed update would have to retrace: a weight of 0
-        # gives the actor's parameters zero gradients, and with Adam's moments still zero they do not move
-        loss = actor_loss_weight * (losses["pg_loss"] - args.ent_coef * losses["entropy"]) + losses["v_loss"] * args.vf_coef
+        loss = warmup.weight * (losses["pg_loss"] - args.ent_coef * losses["entropy"]) + losses["v_loss"] * args.vf_coef
 
         loss.backward()
         distributed.average_gradients(agent)
+        warmup.mask_gradients()
         grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
         util.step_where(optimizer, step_enabled)
         return (approx_kl, losses["v_loss"].detach(), losses["pg_loss"].detach(), losses["entropy"].detach(),
@@ -389,11 +388,7 @@ def main():
         util.check_checkpoint(checkpoint, args.checkpoint, network=NETWORK, env_id=args.env_id,
                               expert_type=args.expert_type)
     if args.resume:
-        util.check_resume(checkpoint, args.checkpoint, args)
-        saved_ranks = 1 + len(checkpoint["resume"].get("other_ranks", []))
-        if saved_ranks != distributed.world_size:  # each rank goes on with its own envs and random streams
-            raise util.UsageError(f"--resume keeps the run's number of ranks: checkpoint '{args.checkpoint}' was "
-                                  f"saved by {saved_ranks}, this run has {distributed.world_size}")
+        util.check_resume(checkpoint, args.checkpoint, args, distributed.world_size)
     resume = checkpoint["resume"] if args.resume else None
 
     batch_size = args.num_envs * args.num_steps  # per rank
@@ -428,15 +423,15 @@ def main():
                                    reconfiguration_freq=args.eval_reconfiguration_freq, **env_kwargs)
     if not args.evaluate:
         envs = util.make_env(args.env_id, args.num_envs, ignore_terminations=not args.partial_reset, **env_kwargs)
-    expert = experts.make_experts(args.expert_type, args.env_id, envs if eval_envs is None else eval_envs,
-                                  ik_gain=args.ik_gain, model_path=args.model_path, expert_fn=args.expert_fn)
+    expert_fns = experts.make_experts(args.expert_type, args.env_id, envs if eval_envs is None else eval_envs,
+                                      ik_gain=args.ik_gain, model_path=args.model_path, expert_fn=args.expert_fn)
     if eval_envs is not None:
-        eval_envs = util.ExpertResidualWrapper(eval_envs, expert, args.residual_scale, args.clip_final_action,
+        eval_envs = util.ExpertResidualWrapper(eval_envs, expert_fns, args.residual_scale, args.clip_final_action,
                                                fusion=args.fusion)
         num_eval_steps = args.num_eval_steps or eval_envs.max_episode_steps
         obs, _ = eval_envs.reset(seed=args.seed + 1_000_000)
     if envs is not None:
-        envs = util.ExpertResidualWrapper(envs, expert, args.residual_scale, args.clip_final_action,
+        envs = util.ExpertResidualWrapper(envs, expert_fns, args.residual_scale, args.clip_final_action,
                                           expert_action_noise=args.expert_action_noise, fusion=args.fusion)
         obs, _ = envs.reset(seed=seed)  # training starts from this observation (a resumed run resets again below)
     # the policy's action: the residual, plus one fusion logit per expert with --fusion learned
@@ -459,17 +454,14 @@ def main():
                            fused=True, capturable=args.cudagraphs and not args.compile)
     if resume is not None:  # every rank loads it: the ranks' optimizers stay identical
         util.load_optimizer_state(optimizer, resume["optimizer"])
-    # Critic warm-up: 0 for the first --critic-warmup-iters iterations, then 1; set in place with fill_, so the
-    # compiled or graphed update that closes over it never retraces
-    actor_loss_weight = torch.ones((), device=device)
+    warmup = util.CriticWarmup(agent, optimizer, args.critic_warmup_iters, device)
     step_enabled = torch.ones((), dtype=torch.bool, device=device)  # the optimizer steps while True (make_update)
-    actor_params = [p for name, p in agent.named_parameters() if not name.startswith("critic.")]
 
     # ---- executables: eager, compiled, graphed ----
     policy = agent_inference.act
     get_value = agent_inference.get_value
     advantage_fn = functools.partial(gae, gamma=args.gamma, gae_lambda=args.gae_lambda)
-    update = make_update(agent, optimizer, args, actor_loss_weight, step_enabled, distributed)
+    update = make_update(agent, optimizer, args, warmup, step_enabled, distributed)
     # On the CPU the per-step calls stay eager: at a few envs per call, a compiled function's call overhead
     # (about 50 us measured) exceeds what its fused kernels save; on CUDA fusion and fewer launches win.
     compile_policy = args.compile and device.type == "cuda"
@@ -537,7 +529,7 @@ def main():
         episodes, frames = util.EpisodeMetrics(), []
         for _ in range(num_eval_steps):
             with torch.no_grad():
-                action = agent_inference.get_action(obs.to(device), deterministic=True)
+                action = agent_inference.get_action(obs.to(device))
             obs, _, _, _, info = eval_envs.step(action)
             if video_dir:
                 frames.append(eval_envs.render())
@@ -691,13 +683,7 @@ def main():
         timer.start("update")
         if update_threads:
             torch.set_num_threads(update_threads)
-        actor_loss_weight.fill_(0.0 if iteration <= args.critic_warmup_iters else 1.0)
-        if iteration == args.critic_warmup_iters + 1 > 1:
-            # the actor's first update: its Adam state starts afresh, as in ppo.py, where Adam skipped the frozen
-            # actor (its moments are still zero; this resets the step count behind the bias correction)
-            for param in actor_params:
-                for value in optimizer.state[param].values():
-                    value.zero_()
+        warmup.start_iteration(iteration)
         container_flat = container.view(-1)
         update_logs = []
         step_enabled.fill_(True)

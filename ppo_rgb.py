@@ -9,6 +9,7 @@ the software Vulkan driver. CleanRL style: one file, top to bottom.
 """
 
 import json
+import math
 import os
 import random
 import time
@@ -28,7 +29,7 @@ from tqdm import tqdm
 import experts
 import util
 
-SCRIPT = "ppo_rgb.py"
+SCRIPT = os.path.basename(__file__)
 NETWORK = "cnn-rgb-state"  # checkpoints record which network they hold, so a wrong script refuses them
 
 
@@ -195,11 +196,21 @@ class Agent(nn.Module):
     def get_value(self, obs):
         return self.critic(self.features(obs))
 
-    def get_action(self, obs, deterministic=False):
-        action_mean = self.actor_mean(self.features(obs))
-        if deterministic:
-            return action_mean
-        return Normal(action_mean, torch.exp(self.actor_logstd.expand_as(action_mean))).sample()
+    def get_action(self, obs):
+        """The deterministic action, the policy's mean: for eval, and as a model expert."""
+        return self.actor_mean(self.features(obs))
+
+    def act(self, obs):
+        """The rollout's policy step: the sampled action, its log-probability and the value, bit for bit as
+        get_action_and_value gives them, without a distribution object or an entropy."""
+        hidden = self.features(obs)
+        action_mean = self.actor_mean(hidden)
+        action_std = torch.exp(self.actor_logstd.expand_as(action_mean))
+        action = action_mean + action_std * torch.randn_like(action_mean)
+        # Normal.log_prob's own expression, so that the update's first ratios are exactly 1
+        logprob = -((action - action_mean) ** 2) / (2 * action_std**2) - action_std.log() \
+            - math.log(math.sqrt(2 * math.pi))
+        return action, logprob.sum(1), self.critic(hidden)
 
     def get_action_and_value(self, obs, action=None):
         hidden = self.features(obs)
@@ -345,7 +356,7 @@ def main():
     if args.resume:  # the run's own arguments, overridden by the flags given now
         args = tyro.cli(Args, default=Args(**util.resume_args(args.checkpoint, Args)))
     backend = util.resolve_sim_backend(args.sim_backend)
-    cores = os.cpu_count() or 1
+    cores = util.available_cores()
     if args.num_envs is None:
         args.num_envs = 256 if backend == "gpu" else 2 * cores
     if args.num_eval_envs is None:
@@ -390,16 +401,16 @@ def main():
                       sensor_configs=dict(width=args.camera_width, height=args.camera_height))
     eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True,
                                reconfiguration_freq=args.eval_reconfiguration_freq, **env_kwargs)
-    expert = experts.make_experts(args.expert_type, args.env_id, eval_envs, ik_gain=args.ik_gain,
-                                  model_path=args.model_path, expert_fn=args.expert_fn)
-    eval_envs = util.ExpertResidualWrapper(eval_envs, expert, args.residual_scale, args.clip_final_action,
+    expert_fns = experts.make_experts(args.expert_type, args.env_id, eval_envs, ik_gain=args.ik_gain,
+                                      model_path=args.model_path, expert_fn=args.expert_fn, image_agent=Agent)
+    eval_envs = util.ExpertResidualWrapper(eval_envs, expert_fns, args.residual_scale, args.clip_final_action,
                                            fusion=args.fusion,
                                            policy_obs_fn=util.image_policy_obs(eval_envs, args.include_state))
     if not args.evaluate:
         train_backend = util.make_env(args.env_id, args.num_envs, ignore_terminations=not args.partial_reset,
                                       **env_kwargs)
         envs = util.ExpertResidualWrapper(
-            train_backend, expert, args.residual_scale, args.clip_final_action,
+            train_backend, expert_fns, args.residual_scale, args.clip_final_action,
             expert_action_noise=args.expert_action_noise, fusion=args.fusion,
             policy_obs_fn=util.image_policy_obs(train_backend, args.include_state))
     num_eval_steps = args.num_eval_steps or eval_envs.max_episode_steps
@@ -408,13 +419,12 @@ def main():
     rgb_shape, state_dim, action_dim = list(obs["rgb"].shape[1:]), obs["state"].shape[1], eval_envs.policy_action_dim
 
     agent = Agent(rgb_shape, state_dim, action_dim, args.init_logstd).to(device)
-    # the image and state encoders feed the actor too, so critic warm-up freezes everything but the critic head
-    actor_params = [p for name, p in agent.named_parameters() if not name.startswith("critic.")]
     if checkpoint is not None:
         util.check_checkpoint(checkpoint, args.checkpoint, rgb_shape=rgb_shape, state_dim=state_dim,
                               action_dim=action_dim, control_mode=eval_envs.control_mode)
         agent.load_state_dict(checkpoint["model"])
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: one pass over all parameters
+    warmup = util.CriticWarmup(agent, optimizer, args.critic_warmup_iters, device)
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
 
@@ -460,19 +470,17 @@ def main():
                                         args.keep_checkpoints)
 
     def evaluate(global_step: int) -> dict:
-        agent.eval()
         obs, _ = eval_envs.reset()
         episodes, frames = util.EpisodeMetrics(), []
         for _ in range(num_eval_steps):
             with torch.no_grad():
-                action = agent.get_action(to_device(obs, device), deterministic=True)
+                action = agent.get_action(to_device(obs, device))
             obs, _, _, _, info = eval_envs.step(action)
             if video_dir:
                 frames.append(eval_envs.render())
             episodes.add(info)
         if frames:
             util.save_video(frames, os.path.join(video_dir, f"eval_{global_step}.mp4"))
-        agent.train()
         return episodes.means()
 
     def eval_line(metrics: dict, global_step: int) -> str:
@@ -550,7 +558,7 @@ def main():
             state_buf[step] = next_obs["state"]
             dones[step] = next_done
             with timer("policy"), torch.no_grad():
-                action, logprob, _, value = agent.get_action_and_value(next_obs)
+                action, logprob, value = agent.act(next_obs)
             values[step] = value.flatten()
             actions[step] = action
             logprobs[step] = logprob
@@ -586,7 +594,7 @@ def main():
         batch = dict(actions=actions.reshape((-1, action_dim)), logprobs=logprobs.reshape(-1),
                      advantages=advantages.reshape(-1), returns=returns.reshape(-1), vals=values.reshape(-1),
                      residual_applied=residual_applied.reshape(-1))
-        critic_warmup = iteration <= args.critic_warmup_iters
+        warmup.start_iteration(iteration)
 
         clipfracs = []
         # nan or inf anywhere stays in these sums, checked once after the update (no host sync per minibatch)
@@ -602,15 +610,12 @@ def main():
                 clipfracs.append(losses["clipfrac"])
                 if args.target_kl is not None and approx_kl > args.target_kl:
                     break
-                loss = losses["pg_loss"] - args.ent_coef * losses["entropy"] + losses["v_loss"] * args.vf_coef
-                if critic_warmup:
-                    loss = losses["v_loss"] * args.vf_coef
+                loss = warmup.weight * (losses["pg_loss"] - args.ent_coef * losses["entropy"]) \
+                    + losses["v_loss"] * args.vf_coef
 
                 optimizer.zero_grad()
                 loss.backward()
-                if critic_warmup:  # gradients of None, not zero: Adam skips those parameters entirely
-                    for param in actor_params:
-                        param.grad = None
+                warmup.mask_gradients()
                 grad_norm_sum += nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 loss_sum += loss.detach()
                 optimizer.step()

@@ -32,7 +32,7 @@ from tqdm import tqdm
 import experts
 import util
 
-SCRIPT = "ppo_rgb_fast.py"
+SCRIPT = os.path.basename(__file__)
 NETWORK = "cnn-rgb-state"  # the same network as ppo_rgb.py: checkpoints of either script load in both
 
 
@@ -203,21 +203,21 @@ class Agent(nn.Module):
     def get_value(self, obs):
         return self.critic(self.features(obs))
 
-    def get_action(self, obs, deterministic=False):
-        action_mean = self.actor_mean(self.features(obs))
-        if deterministic:
-            return action_mean
-        return Normal(action_mean, torch.exp(self.actor_logstd.expand_as(action_mean))).sample()
+    def get_action(self, obs):
+        """The deterministic action, the policy's mean: for eval, and as a model expert."""
+        return self.actor_mean(self.features(obs))
 
     def act(self, obs):
-        """The rollout's policy step: a sampled action, its log-probability and the value. The distribution
-        is get_action_and_value's, written out: no distribution object and no entropy on the per-step path."""
+        """The rollout's policy step: the sampled action, its log-probability and the value, bit for bit as
+        get_action_and_value gives them, without a distribution object or an entropy."""
         hidden = self.features(obs)
         action_mean = self.actor_mean(hidden)
-        action_logstd = self.actor_logstd.expand_as(action_mean)
-        noise = torch.randn_like(action_mean)
-        logprob = (-0.5 * noise.square() - action_logstd - 0.5 * math.log(2 * math.pi)).sum(1)
-        return action_mean + action_logstd.exp() * noise, logprob, self.critic(hidden)
+        action_std = torch.exp(self.actor_logstd.expand_as(action_mean))
+        action = action_mean + action_std * torch.randn_like(action_mean)
+        # Normal.log_prob's own expression, so that the update's first ratios are exactly 1
+        logprob = -((action - action_mean) ** 2) / (2 * action_std**2) - action_std.log() \
+            - math.log(math.sqrt(2 * math.pi))
+        return action, logprob.sum(1), self.critic(hidden)
 
     def get_action_and_value(self, obs, action=None):
         hidden = self.features(obs)
@@ -295,16 +295,14 @@ def ppo_losses(agent: Agent, mb: dict, args: Args) -> dict:
                 old_approx_kl=old_approx_kl, clipfrac=clipfrac)
 
 
-def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args, actor_loss_weight: torch.Tensor,
+def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args, warmup: util.CriticWarmup,
                 step_enabled: torch.Tensor) -> TensorDictModule:
     """One PPO gradient step on a minibatch, as a TensorDictModule so it compiles and graphs as a whole.
-    ``actor_loss_weight`` (0-dim, 1 or 0) weighs the policy and entropy terms and the gradients of everything
-    but the critic head: 0 during critic warm-up. ``step_enabled`` (0-dim bool) lets the optimizer step happen
-    (util.step_where). The update clears it when the minibatch's approximate KL exceeds --target-kl: that
-    minibatch and the rest of the update then leave the weights and Adam's state as they are, which is
-    ppo_rgb.py's early stop, decided without waiting for the GPU."""
-    # the image and state encoders feed the actor too, so critic warm-up freezes everything but the critic head
-    actor_params = [p for name, p in agent.named_parameters() if not name.startswith("critic.")]
+    ``warmup`` (util.CriticWarmup) weighs the policy terms and the actor's gradients: 0 during the critic
+    warm-up. ``step_enabled`` (0-dim bool) lets the optimizer step happen (util.step_where). The update clears it
+    when the minibatch's approximate KL exceeds --target-kl: that minibatch and the rest of the update then leave
+    the weights and Adam's state as they are, which is ppo_rgb.py's early stop, decided without waiting for the
+    GPU."""
 
     def update(obs, actions, logprobs, advantages, returns, vals, residual_applied):
         optimizer.zero_grad()
@@ -313,13 +311,10 @@ def make_update(agent: Agent, optimizer: optim.Optimizer, args: Args, actor_loss
         approx_kl = losses["approx_kl"]
         if args.target_kl is not None:
             step_enabled.logical_and_(approx_kl <= args.target_kl)
-        # Critic warm-up without a branch a compiled or graphed update would have to retrace: a weight of 0
-        # gives everything but the critic head zero gradients, and with Adam's moments still zero it does not move
-        loss = actor_loss_weight * (losses["pg_loss"] - args.ent_coef * losses["entropy"]) + losses["v_loss"] * args.vf_coef
+        loss = warmup.weight * (losses["pg_loss"] - args.ent_coef * losses["entropy"]) + losses["v_loss"] * args.vf_coef
 
         loss.backward()
-        for param in actor_params:  # the encoders' gradients from the value loss
-            param.grad.mul_(actor_loss_weight)
+        warmup.mask_gradients()
         grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
         util.step_where(optimizer, step_enabled)
         return (approx_kl, losses["v_loss"].detach(), losses["pg_loss"].detach(), losses["entropy"].detach(),
@@ -395,7 +390,7 @@ def main():
     if args.resume:  # the run's own arguments, overridden by the flags given now
         args = tyro.cli(Args, default=Args(**util.resume_args(args.checkpoint, Args)))
     backend = util.resolve_sim_backend(args.sim_backend)
-    cores = os.cpu_count() or 1
+    cores = util.available_cores()
     if args.num_envs is None:
         args.num_envs = 64 if backend == "gpu" else 2 * cores
     if args.num_eval_envs is None:
@@ -443,16 +438,16 @@ def main():
                       sensor_configs=dict(width=args.camera_width, height=args.camera_height))
     eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True,
                                reconfiguration_freq=args.eval_reconfiguration_freq, **env_kwargs)
-    expert = experts.make_experts(args.expert_type, args.env_id, eval_envs, ik_gain=args.ik_gain,
-                                  model_path=args.model_path, expert_fn=args.expert_fn)
-    eval_envs = util.ExpertResidualWrapper(eval_envs, expert, args.residual_scale, args.clip_final_action,
+    expert_fns = experts.make_experts(args.expert_type, args.env_id, eval_envs, ik_gain=args.ik_gain,
+                                      model_path=args.model_path, expert_fn=args.expert_fn, image_agent=Agent)
+    eval_envs = util.ExpertResidualWrapper(eval_envs, expert_fns, args.residual_scale, args.clip_final_action,
                                            fusion=args.fusion,
                                            policy_obs_fn=util.image_policy_obs(eval_envs, args.include_state))
     if not args.evaluate:
         train_backend = util.make_env(args.env_id, args.num_envs, ignore_terminations=not args.partial_reset,
                                       **env_kwargs)
         envs = util.ExpertResidualWrapper(
-            train_backend, expert, args.residual_scale, args.clip_final_action,
+            train_backend, expert_fns, args.residual_scale, args.clip_final_action,
             expert_action_noise=args.expert_action_noise, fusion=args.fusion,
             policy_obs_fn=util.image_policy_obs(train_backend, args.include_state))
     num_eval_steps = args.num_eval_steps or eval_envs.max_episode_steps
@@ -476,17 +471,14 @@ def main():
                            fused=True, capturable=args.cudagraphs and not args.compile)
     if resume is not None:
         util.load_optimizer_state(optimizer, resume["optimizer"])
-    # Critic warm-up: 0 for the first --critic-warmup-iters iterations, then 1; set in place with fill_, so the
-    # compiled or graphed update that closes over it never retraces
-    actor_loss_weight = torch.ones((), device=device)
+    warmup = util.CriticWarmup(agent, optimizer, args.critic_warmup_iters, device)
     step_enabled = torch.ones((), dtype=torch.bool, device=device)  # the optimizer steps while True (make_update)
-    actor_params = [p for name, p in agent.named_parameters() if not name.startswith("critic.")]
 
     # ---- executables: eager, compiled, graphed ----
     policy = agent_inference.act
     get_value = agent_inference.get_value
     advantage_fn = functools.partial(gae, gamma=args.gamma, gae_lambda=args.gae_lambda)
-    update = make_update(agent, optimizer, args, actor_loss_weight, step_enabled)
+    update = make_update(agent, optimizer, args, warmup, step_enabled)
     # On the CPU the per-step calls stay eager: at a few envs per call, a compiled function's call overhead
     # (about 50 us measured) exceeds what its fused kernels save; on CUDA fusion and fewer launches win.
     compile_policy = args.compile and device.type == "cuda"
@@ -546,7 +538,7 @@ def main():
         episodes, frames = util.EpisodeMetrics(), []
         for _ in range(num_eval_steps):
             with torch.no_grad():
-                action = agent_inference.get_action(to_device(obs, device), deterministic=True)
+                action = agent_inference.get_action(to_device(obs, device))
             obs, _, _, _, info = eval_envs.step(action)
             if video_dir:
                 frames.append(eval_envs.render())
@@ -693,13 +685,7 @@ def main():
         timer.start("update")
         if update_threads:
             torch.set_num_threads(update_threads)
-        actor_loss_weight.fill_(0.0 if iteration <= args.critic_warmup_iters else 1.0)
-        if iteration == args.critic_warmup_iters + 1 > 1:
-            # the actor's first update: its Adam state starts afresh, as in ppo_rgb.py, where Adam skipped the
-            # frozen parameters (their moments are still zero; this resets the step count behind the bias correction)
-            for param in actor_params:
-                for value in optimizer.state[param].values():
-                    value.zero_()
+        warmup.start_iteration(iteration)
         container_flat = container.view(-1)
         update_logs = []
         step_enabled.fill_(True)

@@ -91,7 +91,7 @@ def test_cpu_backend_matches_single_envs_across_autoreset():
     env = util.CpuVectorEnv(ENV_ID, 3, num_workers=2, obs_mode="state_dict", **KW)
     assert env.slices == [(0, 2), (2, 3)] or env.slices == [(0, 1), (1, 3)]
     got = backend_rollout(env, 7, actions)
-    want = reference_rollout(util._episode_seeds(7, 3), actions)
+    want = reference_rollout(util.backends._episode_seeds(7, 3), actions)
     assert got["final_info"] == 2
     assert_same(got, want)
 
@@ -100,7 +100,7 @@ def test_native_maniskill_path_matches_cpu_backend():
     """The GPU code path (gym.make + ManiSkillVectorEnv), run on physx_cpu with one env."""
     actions = scripted_actions(1, seed=1)
     native = util.make_env(ENV_ID, 1, sim_backend="physx_cpu", **KW)
-    assert isinstance(native, util.GpuVectorEnv)
+    assert isinstance(native, util.NativeVectorEnv)
     got = backend_rollout(native, 3, actions)
     want = backend_rollout(util.CpuVectorEnv(ENV_ID, 1, obs_mode="state_dict", **KW), 3, actions)
     assert_same(got, want)
@@ -171,7 +171,7 @@ def test_workers_exit_when_the_trainer_is_killed(tmp_path):
     script = tmp_path / "trainer.py"
     script.write_text(
         "import sys, time\n"
-        f"sys.path.insert(0, {util.__file__.rsplit('/', 1)[0]!r})\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
         "import util\n"
         "if __name__ == '__main__':\n"
         "    env = util.CpuVectorEnv('PickCube-v1', 2, num_workers=2)\n"
@@ -200,15 +200,15 @@ def _state(pid):
 
 def test_simulator_failures_keep_their_traceback_and_bad_configurations_do_not():
     with pytest.raises(util.UsageError, match="pd_foo not in supported modes"):
-        util._gym_make("PickCube-v1", num_envs=1, sim_backend="physx_cpu", control_mode="pd_foo")
+        util.backends._gym_make("PickCube-v1", num_envs=1, sim_backend="physx_cpu", control_mode="pd_foo")
     missing_gpu = f"physx_cuda:{torch.cuda.device_count()}"  # one index past the last GPU: no machine has it
     with pytest.raises(util.FatalError) as failure:
-        util._gym_make("PickCube-v1", num_envs=1, sim_backend=missing_gpu)
+        util.backends._gym_make("PickCube-v1", num_envs=1, sim_backend=missing_gpu)
     assert isinstance(failure.value.__cause__, RuntimeError)
 
     # a script's entry point prints the cause's traceback, then the cause in one line, and exits with 1
     program = ("import util\n"
-               f"util.run_cli(lambda: util._gym_make('PickCube-v1', num_envs=1, sim_backend='{missing_gpu}'))\n")
+               f"util.run_cli(lambda: util.backends._gym_make('PickCube-v1', num_envs=1, sim_backend='{missing_gpu}'))\n")
     proc = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "Traceback (most recent call last)" in proc.stderr and "RuntimeError" in proc.stderr

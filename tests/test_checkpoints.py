@@ -70,7 +70,7 @@ def test_model_expert_is_the_clipped_sum_of_its_base_and_scaled_mean(ik_run, tmp
         for _ in range(4):
             with torch.no_grad():
                 got = expert(obs)
-                policy_mean = agent.get_action(torch.cat([util.flat_state(obs), ik(obs)], dim=1), deterministic=True)
+                policy_mean = agent.get_action(torch.cat([util.flat_state(obs), ik(obs)], dim=1))
             torch.testing.assert_close(policy_mean, mean[None])
             want = (ik(obs) + 0.2 * mean).clamp(-1, 1)
             torch.testing.assert_close(got, want)

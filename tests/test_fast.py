@@ -75,7 +75,7 @@ def test_act_samples_the_distribution_get_action_and_value_scores():
         with torch.no_grad():
             action, logprob, value = agent.act(obs)
             _, ref_logprob, _, ref_value = agent.get_action_and_value(obs, action)
-            mean = agent.get_action(obs, deterministic=True)
+            mean = agent.get_action(obs)
         torch.testing.assert_close(logprob, ref_logprob, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(value, ref_value)
         z = (action - mean) / agent.actor_logstd.exp()
@@ -89,10 +89,11 @@ def test_compiled_update_matches_eager():
     agents = [ppo_fast.Agent(obs_dim, action_dim)]
     agents.append(copy.deepcopy(agents[0]))
     optimizers = [torch.optim.Adam(a.parameters(), lr=torch.tensor(1e-3), eps=1e-5, fused=True) for a in agents]
-    actor_loss_weight, step_enabled = torch.ones(()), torch.ones((), dtype=torch.bool)
     args.target_kl = None  # every step applies (early stopping is test_update_stops_where_ppo_stops)
-    eager = ppo_fast.make_update(agents[0], optimizers[0], args, actor_loss_weight, step_enabled)
-    compiled = torch.compile(ppo_fast.make_update(agents[1], optimizers[1], args, actor_loss_weight, step_enabled))
+    warmups = [util.CriticWarmup(a, o, 0) for a, o in zip(agents, optimizers)]
+    step_enabled = torch.ones((), dtype=torch.bool)
+    eager = ppo_fast.make_update(agents[0], optimizers[0], args, warmups[0], step_enabled)
+    compiled = torch.compile(ppo_fast.make_update(agents[1], optimizers[1], args, warmups[1], step_enabled))
 
     obs = torch.randn(batch, obs_dim)
     with torch.no_grad():
@@ -128,7 +129,8 @@ def test_update_stops_where_ppo_stops():
         agent = copy.deepcopy(start)
         optimizer = torch.optim.Adam(agent.parameters(), lr=torch.tensor(1e-2), eps=1e-5, fused=True)
         step_enabled = torch.ones((), dtype=torch.bool)
-        update = ppo_fast.make_update(agent, optimizer, ppo_fast.Args(target_kl=target_kl), torch.ones(()),
+        update = ppo_fast.make_update(agent, optimizer, ppo_fast.Args(target_kl=target_kl),
+                                      util.CriticWarmup(agent, optimizer, 0),
                                       step_enabled)
         outs = [update(data[i * batch:(i + 1) * batch], tensordict_out=TensorDict()) for i in range(minibatches)]
         return agent, optimizer, step_enabled, outs
@@ -196,7 +198,7 @@ def test_ppo_rgb_fast_compile_and_its_image_model_expert(ik_run):
         agent = ppo_rgb.Agent([36, 36, 3], payload["meta"]["state_dim"], payload["meta"]["action_dim"])
         agent.load_state_dict(payload["model"])
         with torch.no_grad():
-            mean = agent.get_action(util.with_expert_action(util.image_policy_obs(env)(obs), ik), deterministic=True)
+            mean = agent.get_action(util.with_expert_action(util.image_policy_obs(env)(obs), ik))
         torch.testing.assert_close(expert(obs), (ik + 0.2 * mean).clamp(-1, 1))
     finally:
         env.close()

@@ -178,7 +178,8 @@ def test_graphed_update_equals_eager(compiled):
     optimizers = [torch.optim.Adam(agents[0].parameters(), lr=torch.tensor(1e-3, device="cuda"), eps=1e-5, fused=True),
                   torch.optim.Adam(agents[1].parameters(), lr=torch.tensor(1e-3, device="cuda"), eps=1e-5, fused=True,
                                capturable=not compiled)]
-    flags = [(torch.ones((), device="cuda"), torch.ones((), dtype=torch.bool, device="cuda")) for _ in agents]
+    flags = [(util.CriticWarmup(a, o, 0, "cuda"), torch.ones((), dtype=torch.bool, device="cuda"))
+             for a, o in zip(agents, optimizers)]
     eager = ppo_fast.make_update(agents[0], optimizers[0], args, *flags[0])
     graphed = ppo_fast.make_update(agents[1], optimizers[1], args, *flags[1])
     graphed = CudaGraphModule(torch.compile(graphed) if compiled else graphed, warmup=3 if compiled else 2)

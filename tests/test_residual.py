@@ -47,3 +47,6 @@ def test_critic_warmup_freezes_the_actor(tmp_path):
     assert torch.equal(warmed["model"]["actor_mean.6.bias"], torch.zeros(6))
     assert not torch.equal(start["model"]["critic.0.weight"], warmed["model"]["critic.0.weight"])
     assert not all(torch.equal(start["model"][k], final["model"][k]) for k in actor), "the actor trains after"
+    # ...with Adam started afresh for it: fewer steps counted than for the critic, which trained throughout
+    state, names = final["resume"]["optimizer"]["state"], list(final["model"])  # the parameters' order
+    assert 0 < state[names.index("actor_logstd")]["step"] < state[names.index("critic.0.weight")]["step"]

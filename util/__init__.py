@@ -1,0 +1,32 @@
+"""The shared modules of the Expert+Residual PPO scripts, by who reads them.
+
+Data path: backend -> ExpertResidualWrapper -> training script.
+
+- ``util.backends``: the batched ManiSkill envs the scripts train on (``make_env``): ManiSkill's own
+  vectorization, or CPU worker processes with the same interface.
+- ``util.residual``: the residual idea: the policy's observation, the executed action, the residual scale
+  schedule and ``ExpertResidualWrapper``.
+- ``util.run``: run plumbing: errors, flag checks, signals, torchrun, checkpoints, random streams, timing,
+  videos.
+
+``import util`` gives all of their public names, so the scripts write ``util.make_env`` and the like.
+"""
+
+from .backends import (NO_CUDA_VULKAN, CpuVectorEnv, NativeVectorEnv, available_cores, check_env_id,
+                       cuda_renders, make_env, render_backend, resolve_sim_backend)
+from .residual import (FUSIONS, SCALE_SCHEDULES, CriticWarmup, ExpertResidualWrapper, ResidualSchedule, check_fusion,
+                       compose_action, flat_state, image_policy_obs, with_expert_action)
+from .run import (STOP_SIGNALS, Distributed, EpisodeMetrics, FatalError, GracefulStop, PhaseTimer, UsageError,
+                  WorkerDied, check_checkpoint, check_finite, check_flags, check_resume, check_writable,
+                  init_distributed, load_checkpoint, load_optimizer_state, peak_gpu_memory, resume_args, rng_state,
+                  run_cli, save_checkpoint, save_run_checkpoint, save_video, set_rng_state, step_where, versions)
+
+
+__all__ = ["NO_CUDA_VULKAN", "CpuVectorEnv", "NativeVectorEnv", "available_cores", "check_env_id", "cuda_renders",
+           "make_env", "render_backend", "resolve_sim_backend", "FUSIONS", "SCALE_SCHEDULES", "CriticWarmup",
+           "ExpertResidualWrapper", "ResidualSchedule", "check_fusion", "compose_action", "flat_state",
+           "image_policy_obs", "with_expert_action", "STOP_SIGNALS", "Distributed", "EpisodeMetrics", "FatalError",
+           "GracefulStop", "PhaseTimer", "UsageError", "WorkerDied", "check_checkpoint", "check_finite",
+           "check_flags", "check_resume", "check_writable", "init_distributed", "load_checkpoint",
+           "load_optimizer_state", "peak_gpu_memory", "resume_args", "rng_state", "run_cli", "save_checkpoint",
+           "save_run_checkpoint", "save_video", "set_rng_state", "step_where", "versions"]

@@ -1,0 +1,308 @@
+"""The residual idea: the policy's observation (flat state, or images and non-privileged state, plus the
+expert actions), the one function that composes the executed action, the residual scale schedule, and
+``ExpertResidualWrapper``, which puts them between a backend and a training script."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from .backends import flatten_paths, make_env
+from .run import PhaseTimer, UsageError
+
+Obs = Union[torch.Tensor, dict]
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert + residual
+# ----------------------------------------------------------------------------------------------
+def flat_state(obs: dict) -> torch.Tensor:
+    """The policy observation of the state scripts: ManiSkill's ``state`` obs, i.e. the ``state_dict``
+    leaves in order, each flattened per env and cast to float (what ``common.flatten_state_dict`` gives)."""
+    leaves = flatten_paths(obs).values()
+    # most leaves are [N, D] float32 already: this runs every step, so they skip the two no-op calls
+    return torch.cat([leaf if leaf.dim() == 2 and leaf.dtype == torch.float32
+                      else leaf.reshape(leaf.shape[0], -1).float() for leaf in leaves], dim=1)
+
+
+def image_policy_obs(env, include_state: bool = True) -> Callable[[dict], dict]:
+    """The policy observation of the image scripts, from a "state_dict+rgb" observation:
+    ``{"rgb": uint8 [N, H, W, 3 * cameras], "state": float [N, D]}`` where ``state`` holds the robot's
+    proprioception and the task's non-privileged extras (exactly ManiSkill's "rgb" mode), or nothing
+    without ``include_state``. The wrapper appends the expert action to ``state``."""
+    extra_keys = env.image_policy_extra_keys
+
+    def policy_obs(obs: dict) -> dict:
+        rgb = torch.cat([camera["rgb"] for camera in obs["sensor_data"].values()], dim=-1)
+        if include_state:
+            state = flat_state(dict(agent=obs["agent"], extra={k: obs["extra"][k] for k in extra_keys}))
+        else:
+            state = torch.zeros(rgb.shape[0], 0, device=rgb.device)
+        return dict(rgb=rgb, state=state)
+
+    return policy_obs
+
+
+def with_expert_action(policy_obs: Obs, expert_action: torch.Tensor) -> Obs:
+    """``[policy_obs, expert_action]``; for image policies the expert action joins the state part."""
+    if isinstance(policy_obs, dict):
+        return {**policy_obs, "state": torch.cat([policy_obs["state"], expert_action], dim=-1)}
+    return torch.cat([policy_obs, expert_action], dim=-1)
+
+
+FUSIONS = ("mean", "learned")
+SCALE_SCHEDULES = ("constant", "linear")
+
+
+def check_fusion(fusion: str, num_experts: int) -> None:
+    if fusion not in FUSIONS:
+        raise ValueError(f"--fusion must be one of {', '.join(FUSIONS)}, not '{fusion}'")
+    if fusion == "learned" and num_experts < 2:
+        raise ValueError("--fusion learned mixes several experts; give at least two, e.g. --expert-type ik,zero")
+
+
+def compose_action(expert_actions: torch.Tensor, policy_action: torch.Tensor, residual_scale: float,
+                   fusion: str = "mean", applied: Optional[torch.Tensor] = None,
+                   bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The executed action ``clip(base + residual_scale * residual)`` and its base: the one place the action is
+    composed (the wrapper for training and eval, the model expert for a checkpoint's own expert).
+
+    ``expert_actions`` is [N, E, A], one action per expert. ``policy_action`` is [N, A] (the residual), followed
+    by E fusion logits with ``fusion="learned"``. The base is the experts' mean, or with "learned" their
+    ``softmax(logits)``-weighted mix; zero logits give the mean. Envs where ``applied`` is False ignore the whole
+    policy action and execute the experts' mean alone. ``bounds`` (low, high) clips the action; None leaves it.
+    """
+    action_dim = expert_actions.shape[2]
+    residual = policy_action[:, :action_dim]
+    mean = expert_actions.mean(dim=1)
+    if fusion == "learned":
+        weights = torch.softmax(policy_action[:, action_dim:], dim=1)
+        base = (weights[:, :, None] * expert_actions).sum(dim=1)
+    else:
+        base = mean
+    if applied is not None:
+        base = torch.where(applied[:, None], base, mean)
+        residual = torch.where(applied[:, None], residual, torch.zeros_like(residual))
+    action = base + residual_scale * residual
+    if bounds is not None:
+        action = torch.clamp(action, *bounds)
+    return action, base
+
+
+@dataclass
+class ResidualSchedule:
+    """How much residual the executed action gets, as a function of the global env step alone (so a
+    resumed run needs only its step). The scripts apply it to their wrappers once per iteration.
+
+    - Scale curriculum: ``constant`` keeps ``scale``; ``linear`` moves it from ``scale`` at step 0 to
+      ``scale_final`` at ``total_steps``.
+    - Progressive exploration (Policy Decorator): while training, each env applies its residual with
+      probability ``min(step / warmup_steps, 1)`` and otherwise executes the expert alone. Eval always
+      applies it.
+    """
+
+    scale: float = 1.0
+    schedule: str = "constant"
+    scale_final: Optional[float] = None
+    total_steps: int = 1
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:  # the scripts' check_args names the flags; this guards other callers
+        if self.schedule not in SCALE_SCHEDULES:
+            raise ValueError(f"unknown residual scale schedule '{self.schedule}'; valid: {', '.join(SCALE_SCHEDULES)}")
+        if (self.schedule == "linear") != (self.scale_final is not None):
+            raise ValueError("a linear residual scale schedule, and only it, has a final scale")
+        if not (self.scale >= 0 and (self.scale_final is None or self.scale_final >= 0) and self.warmup_steps >= 0):
+            raise ValueError(f"residual scales and warm-up steps must be >= 0, got {self.scale}, {self.scale_final} "
+                             f"and {self.warmup_steps}")
+
+    def scale_at(self, step: int) -> float:
+        if self.schedule == "constant":
+            return self.scale
+        progress = min(step / self.total_steps, 1.0)
+        return self.scale + progress * (self.scale_final - self.scale)
+
+    def residual_prob_at(self, step: int) -> float:
+        return min(step / self.warmup_steps, 1.0) if self.warmup_steps > 0 else 1.0
+
+    def apply(self, step: int, train: Optional["ExpertResidualWrapper"],
+              evaluation: Optional["ExpertResidualWrapper"]) -> None:
+        """Set both wrappers for ``step``: the same scale, the residual probability on the training envs only.
+        Either may be None (no training envs with --evaluate; under torchrun, eval envs on rank 0 only)."""
+        if train is not None:
+            train.residual_scale = self.scale_at(step)
+            train.residual_prob = self.residual_prob_at(step)
+        if evaluation is not None:
+            evaluation.residual_scale = self.scale_at(step)
+
+
+class ExpertResidualWrapper:
+    """Executes ``clip(base + residual_scale * residual)`` and shows the policy ``[obs, expert actions]``.
+
+    ``base`` is the expert action, or with several experts their mean or learned mix (``compose_action``).
+    The experts are called once per step, on the structured observation the env returned, and the
+    expert actions appended to the policy observation are exactly the ones executed on the next step.
+    When episodes end, they are also called on ``final_observation`` so the critic can bootstrap from it.
+    PPO keeps the unclipped action it sampled; only the action sent to the env is clipped.
+
+    The policy's action has ``policy_action_dim`` entries: the residual (``action_dim``), then one fusion
+    logit per expert with ``fusion="learned"``. ``residual_scale`` and ``residual_prob`` may change
+    between steps (``ResidualSchedule.apply``); ``info["residual_applied"]`` says which envs applied
+    the policy's action on this step.
+
+    Build it from a backend (``env=make_env(...)``) or from ``env_id`` plus ``make_env`` keyword args.
+    ``expert_policy_fn`` is a callable, structured observation -> [num_envs, action_dim] tensor, or a
+    list of them.
+    """
+
+    def __init__(
+        self,
+        env=None,
+        expert_policy_fn: Union[None, Callable[[dict], torch.Tensor], list[Callable[[dict], torch.Tensor]]] = None,
+        residual_scale: float = 1.0,
+        clip_final_action: bool = True,
+        expert_action_noise: float = 0.0,
+        policy_obs_fn: Callable[[dict], Obs] = flat_state,
+        fusion: str = "mean",
+        timer: Optional["PhaseTimer"] = None,
+        env_id: Optional[str] = None,
+        num_envs: int = 1,
+        **env_kwargs,
+    ):
+        if not residual_scale >= 0:
+            raise ValueError(f"the residual scale must be >= 0, got {residual_scale}")
+        if env is None:
+            if env_id is None:
+                raise ValueError("give either env or env_id")
+            env = make_env(env_id, num_envs, **env_kwargs)
+        self.env = env
+        self.num_envs = env.num_envs
+        self.device = torch.device(env.device)
+        self.single_action_space = env.single_action_space
+        self.max_episode_steps = env.max_episode_steps
+        self.control_mode = env.control_mode
+        self.can_render = env.can_render
+        self.action_dim = int(np.prod(self.single_action_space.shape))
+        self.low = torch.as_tensor(self.single_action_space.low, device=self.device, dtype=torch.float32)
+        self.high = torch.as_tensor(self.single_action_space.high, device=self.device, dtype=torch.float32)
+        if expert_policy_fn is None:
+            raise ValueError("give the expert (expert_policy_fn), e.g. experts.ZeroExpert(action_dim) for none")
+        self.experts = list(expert_policy_fn) if isinstance(expert_policy_fn, (list, tuple)) else [expert_policy_fn]
+        check_fusion(fusion, len(self.experts))
+        self.fusion = fusion
+        self.policy_action_dim = self.action_dim + (len(self.experts) if fusion == "learned" else 0)
+        self.residual_scale = residual_scale
+        self.residual_prob = 1.0
+        self.clip_final_action = clip_final_action
+        self.expert_action_noise = expert_action_noise
+        self.policy_obs_fn = policy_obs_fn
+        self.timer = timer or PhaseTimer(self.device)  # the experts' time, under "expert"
+        self.expert_actions: Optional[torch.Tensor] = None  # [N, experts, A] for the current observation
+        self._experts_checked = False
+
+    def _expert_actions(self, obs: dict, noise: bool = True) -> torch.Tensor:
+        with self.timer("expert"):
+            return self._call_experts(obs, noise)
+
+    def _call_experts(self, obs: dict, noise: bool) -> torch.Tensor:
+        actions = [expert(obs) for expert in self.experts]
+        if not self._experts_checked:  # at the first call only: the finiteness check waits for the GPU
+            for expert, action in zip(self.experts, actions):
+                self._check_expert_action(expert, action)
+            self._experts_checked = True
+        actions = torch.stack(actions, dim=1)
+        if noise and self.expert_action_noise > 0:
+            actions = actions + self.expert_action_noise * torch.randn_like(actions)
+        return actions
+
+    def _check_expert_action(self, expert, action) -> None:
+        """A user's expert that returns the wrong thing is named in one line, before the env sees its action."""
+        want = f"a float32 tensor of shape ({self.num_envs}, {self.action_dim}) on {self.device}"
+        if not isinstance(action, torch.Tensor):
+            got = type(action).__name__
+        elif action.shape != (self.num_envs, self.action_dim) or action.dtype != torch.float32 \
+                or action.device != self.device:
+            got = f"a {action.dtype} tensor of shape {tuple(action.shape)} on {action.device}"
+        elif not torch.isfinite(action).all():
+            got = f"non-finite values (nan or inf): {action.tolist()}"[:300]
+        else:
+            return
+        name = getattr(expert, "__qualname__", type(expert).__qualname__)
+        module = getattr(expert, "__module__", "") or type(expert).__module__
+        raise UsageError(f"expert {module}.{name} must return {want}; it returned {got}")
+
+    def _policy_obs(self, obs: dict, expert_actions: torch.Tensor) -> Obs:
+        return with_expert_action(self.policy_obs_fn(obs), expert_actions.flatten(1))
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        self.expert_actions = self._expert_actions(obs)
+        return self._policy_obs(obs, self.expert_actions), info
+
+    def get_episode_rng(self) -> list[dict]:
+        return self.env.get_episode_rng()
+
+    def reset_to_episode_rng(self, state: list[dict]):
+        """Resume: restart the envs' episodes and seed streams as ``get_episode_rng()`` saved them."""
+        obs, info = self.env.reset_to_episode_rng(state)
+        self.expert_actions = self._expert_actions(obs)
+        return self._policy_obs(obs, self.expert_actions), info
+
+    def step(self, policy_action: torch.Tensor):
+        policy_action = policy_action.to(self.device)
+        # every env applies its residual unless progressive exploration flips coins (which draws randomness)
+        applied = None if self.residual_prob >= 1.0 else \
+            torch.rand(self.num_envs, device=self.device) < self.residual_prob
+        action, base = compose_action(self.expert_actions, policy_action, self.residual_scale, self.fusion, applied,
+                                      (self.low, self.high) if self.clip_final_action else None)
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        info["residual_applied"] = torch.ones(self.num_envs, dtype=torch.bool, device=self.device) \
+            if applied is None else applied
+        residual = policy_action[:, :self.action_dim]
+        expert_abs, residual_abs, final_abs = torch.stack([base, residual, action]).abs().mean((1, 2))
+        info["action_stats"] = dict(expert=expert_abs, residual=residual_abs, final=final_abs)
+        if "final_observation" in info:
+            final_obs = info["final_observation"]
+            info["final_observation"] = self._policy_obs(final_obs, self._expert_actions(final_obs, noise=False))
+        self.expert_actions = self._expert_actions(obs)
+        return self._policy_obs(obs, self.expert_actions), reward, terminated, truncated, info
+
+    def render(self) -> torch.Tensor:
+        return self.env.render()
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class CriticWarmup:
+    """--critic-warmup-iters K: the first K iterations train only the value function, and everything the actor
+    depends on (its layers and log-std, and in the image scripts the encoders it shares with the critic) stays
+    bit-identical.
+
+    One mechanism serves eager, compiled and graphed updates, with no branch to retrace: the update multiplies the
+    policy terms of its loss, and the gradients of every parameter outside the critic head (``mask_gradients``),
+    by ``weight``, a 0-dim tensor that ``start_iteration`` sets in place to 0 during the warm-up and 1 after it.
+    With zero gradients from the start, Adam's moments stay zero and the parameters do not move; Adam still counts
+    the steps, so their Adam state is zeroed before the first update after the warm-up, which then starts afresh.
+    """
+
+    def __init__(self, agent: torch.nn.Module, optimizer: torch.optim.Optimizer, iters: int,
+                 device: Union[str, torch.device] = "cpu"):
+        self.params = [p for name, p in agent.named_parameters() if not name.startswith("critic.")]
+        self.optimizer, self.iters = optimizer, iters
+        self.weight = torch.ones((), device=device)
+
+    def start_iteration(self, iteration: int) -> None:
+        self.weight.fill_(0.0 if iteration <= self.iters else 1.0)
+        if iteration == self.iters + 1 > 1:
+            for param in self.params:
+                for value in self.optimizer.state[param].values():
+                    value.zero_()
+
+    def mask_gradients(self) -> None:
+        for param in self.params:
+            if param.grad is not None:
+                param.grad.mul_(self.weight)
