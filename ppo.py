@@ -5,11 +5,8 @@ residual and sees ``[state, expert_action]``. Runs on ManiSkill's GPU simulation
 otherwise on a multi-process CPU backend (see util.py). CleanRL style: one file, top to bottom.
 """
 
-import json
 import math
 import os
-import random
-import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -20,7 +17,6 @@ import torch.nn as nn
 import torch.optim as optim
 import tyro
 from torch.distributions.normal import Normal
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import experts
@@ -321,9 +317,12 @@ def check_args(args: Args) -> None:
     util.check_writable(os.path.dirname(os.path.abspath(args.checkpoint)) if args.resume else args.output_dir)
 
 
-def main():
+def parse_args() -> tuple[Args, str, util.Distributed, bool]:
+    """The command line (on --resume the run's own arguments, overridden by the flags given now), checked; this
+    process's place under torchrun; the defaults that depend on the backend and on this rank's cores. Returns
+    (args, backend, distributed, whether the control mode is the expert's default)."""
     args = tyro.cli(Args)
-    if args.resume:  # the run's own arguments, overridden by the flags given now
+    if args.resume:
         args = tyro.cli(Args, default=Args(**util.resume_args(args.checkpoint, Args)))
     backend = util.resolve_sim_backend(args.sim_backend)
     # under torchrun: this rank's place (its GPU, or its share of the cores); otherwise a single process
@@ -338,48 +337,38 @@ def main():
         args.num_minibatches = 32 if backend == "gpu" else 2
     if args.exp_name is None:
         args.exp_name = os.path.splitext(SCRIPT)[0]
-    chosen_control_mode = args.control_mode is None
-    if chosen_control_mode:
+    default_control_mode = args.control_mode is None
+    if default_control_mode:
         args.control_mode = experts.default_control_mode(args.expert_type)
     check_args(args)
     if args.evaluate and distributed.enabled:
         raise util.UsageError("--evaluate runs in one process: start it with python, not torchrun")
-    schedule = util.ResidualSchedule(args.residual_scale, args.residual_scale_schedule, args.residual_scale_final,
-                                     args.total_timesteps, args.residual_warmup_steps)  # checks its flags too
-    checkpoint = util.load_checkpoint(args.checkpoint) if args.checkpoint else None
-    if checkpoint is not None:
-        util.check_checkpoint(checkpoint, args.checkpoint, network=NETWORK, env_id=args.env_id,
-                              expert_type=args.expert_type)
-    if args.resume:
-        util.check_resume(checkpoint, args.checkpoint, args, distributed.world_size)
-    resume = checkpoint["resume"] if args.resume else None
+    return args, backend, distributed, default_control_mode
 
-    batch_size = args.num_envs * args.num_steps  # per rank
-    minibatch_size = batch_size // args.num_minibatches
-    steps_per_iteration = batch_size * distributed.world_size  # global_step and SPS count every rank's steps
-    num_iterations = args.total_timesteps // steps_per_iteration
 
-    seed = args.seed + distributed.rank  # each rank explores differently; rank 0's weights are broadcast
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    # nan and inf are caught once per iteration (util.check_finite below) instead of by the distributions' argument
-    # checks, which raise a traceback and cost a host sync at every call
-    torch.distributions.Distribution.set_default_validate_args(False)
-    device = torch.device("cuda", distributed.local_rank) if torch.cuda.is_available() and args.cuda \
-        else torch.device("cpu")
-    # On the CPU backend the env workers own the cores while they step, and idle OpenMP threads would
-    # spin against them, so the rollout runs single-threaded; the update, while the workers wait, uses all.
-    rollout_threads, update_threads = (1, torch.get_num_threads()) if backend == "cpu" else (None, None)
+def load_checkpoint(args: Args, distributed: util.Distributed) -> tuple[Optional[dict], Optional[dict]]:
+    """--checkpoint (to evaluate or resume), checked against this script and run: (checkpoint, its resume state on
+    --resume); (None, None) without one."""
+    if args.checkpoint is None:
+        return None, None
+    checkpoint = util.load_checkpoint(args.checkpoint)
+    util.check_checkpoint(checkpoint, args.checkpoint, network=NETWORK, env_id=args.env_id,
+                          expert_type=args.expert_type)
+    if not args.resume:
+        return checkpoint, None
+    util.check_resume(checkpoint, args.checkpoint, args, distributed.world_size)
+    return checkpoint, checkpoint["resume"]
 
-    # ---- environments: backend -> expert + residual wrapper (under torchrun, rank 0 alone evaluates) ----
+
+def make_envs(args: Args, backend: str, distributed: util.Distributed, seed: int):
+    """Backend -> expert + residual wrapper, for training and for eval (under torchrun rank 0 alone evaluates; with
+    --evaluate nothing trains). Returns (envs, eval_envs, the first observation)."""
     env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend,
                       restart_dead_workers=args.restart_dead_workers)
     envs = eval_envs = None
     if distributed.is_main:
         eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True,
-                                   reconfiguration_freq=args.eval_reconfiguration_freq, **env_kwargs)
+                                  reconfiguration_freq=args.eval_reconfiguration_freq, **env_kwargs)
     if not args.evaluate:
         envs = util.make_env(args.env_id, args.num_envs, ignore_terminations=not args.partial_reset, **env_kwargs)
     expert_fns = experts.make_experts(args.expert_type, args.env_id, envs if eval_envs is None else eval_envs,
@@ -387,15 +376,46 @@ def main():
     if eval_envs is not None:
         eval_envs = util.ExpertResidualWrapper(eval_envs, expert_fns, args.residual_scale, args.clip_final_action,
                                                fusion=args.fusion)
-        num_eval_steps = args.num_eval_steps or eval_envs.max_episode_steps
         obs, _ = eval_envs.reset(seed=args.seed + 1_000_000)
     if envs is not None:
         envs = util.ExpertResidualWrapper(envs, expert_fns, args.residual_scale, args.clip_final_action,
                                           expert_action_noise=args.expert_action_noise, fusion=args.fusion)
         obs, _ = envs.reset(seed=seed)  # training starts from this observation (unless it resumes)
+    return envs, eval_envs, obs
+
+
+def describe(args: Args, backend: str, distributed: util.Distributed, device: torch.device,
+             default_control_mode: bool) -> str:
+    """The run's first line: backend, envs, control mode, expert, device."""
+    ranks = f" x {distributed.world_size} ranks" if distributed.enabled else ""
+    return (f"backend: {backend} | envs: {'-' if args.evaluate else args.num_envs}{ranks} train, "
+            f"{args.num_eval_envs} eval | control mode: {args.control_mode}"
+            f"{f' (default for --expert-type {args.expert_type})' if default_control_mode else ''} | "
+            f"expert: {args.expert_type} | device: {device}")
+
+
+def main():
+    args, backend, distributed, default_control_mode = parse_args()
+    schedule = util.ResidualSchedule(args.residual_scale, args.residual_scale_schedule, args.residual_scale_final,
+                                     args.total_timesteps, args.residual_warmup_steps)
+    checkpoint, resume = load_checkpoint(args, distributed)
+
+    batch_size = args.num_envs * args.num_steps  # per rank
+    minibatch_size = batch_size // args.num_minibatches
+    steps_per_iteration = batch_size * distributed.world_size  # global_step and SPS count every rank's steps
+    num_iterations = args.total_timesteps // steps_per_iteration
+    seed = args.seed + distributed.rank  # each rank explores differently; rank 0's weights are broadcast
+    util.seed_everything(seed, args.torch_deterministic)
+    device = torch.device("cuda", distributed.local_rank) if torch.cuda.is_available() and args.cuda \
+        else torch.device("cpu")
+    # On the CPU backend the env workers own the cores while they step, and idle OpenMP threads would
+    # spin against them, so the rollout runs single-threaded; the update, while the workers wait, uses all.
+    rollout_threads, update_threads = (1, torch.get_num_threads()) if backend == "cpu" else (None, None)
+
+    # ---- environments, agent, optimizer ----
+    envs, eval_envs, obs = make_envs(args, backend, distributed, seed)
     # the policy's action: the residual, plus one fusion logit per expert with --fusion learned
     obs_dim, action_dim = obs.shape[1], (envs or eval_envs).policy_action_dim
-
     agent = Agent(obs_dim, action_dim, args.init_logstd).to(device)
     if checkpoint is not None:
         util.check_checkpoint(checkpoint, args.checkpoint, obs_dim=obs_dim, action_dim=action_dim,
@@ -408,76 +428,24 @@ def main():
         optimizer.load_state_dict(resume["optimizer"])
 
     # ---- output: logs, checkpoints, videos (under torchrun, rank 0 alone writes) ----
-    if resume is not None:  # a resumed run goes on in its own directory
-        run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
-    else:
-        run_dir = os.path.join(args.output_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    run_name = os.path.basename(run_dir)
-    # a GPU simulation without NVIDIA's Vulkan driver trains unrendered (util.render_backend said so)
-    video_dir = os.path.join(run_dir, "videos") if args.capture_video and eval_envs is not None \
-        and eval_envs.can_render else None
-    if distributed.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        if args.track:
-            import wandb
+    output = util.RunOutput(args, distributed.is_main, eval_envs is not None and eval_envs.can_render,
+                            describe(args, backend, distributed, device, default_control_mode),
+                            resume["global_step"] if resume is not None else None)
+    meta = dict(script=SCRIPT, network=NETWORK, env_id=args.env_id, obs_mode="state", control_mode=args.control_mode,
+                obs_dim=obs_dim, action_dim=action_dim, expert_type=args.expert_type, args=asdict(args))
 
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=vars(args), name=run_name, save_code=True)
-        # on resume, hide what a crashed run logged after its checkpoint
-        writer = SummaryWriter(run_dir, purge_step=resume["global_step"] if resume is not None else None)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-        ranks = f" x {distributed.world_size} ranks" if distributed.enabled else ""
-        print(f"backend: {backend} | envs: {'-' if args.evaluate else args.num_envs}{ranks} train, {args.num_eval_envs} eval | "
-              f"control mode: {args.control_mode}{f' (default for --expert-type {args.expert_type})' if chosen_control_mode else ''} | "
-              f"expert: {args.expert_type} | device: {device}")
-        print(f"logs: {run_dir} (tensorboard --logdir {os.path.dirname(run_dir)})")
-        if args.save_model and not args.evaluate:
-            print(f"checkpoints: {run_dir}/latest.pt (the newest), ckpt_<iteration>.pt (the last {args.keep_checkpoints}) "
-                  f"and final_ckpt.pt")
-        if video_dir:
-            print(f"videos: {video_dir}")
-
-    def save(name: str, iterations_done: int) -> Optional[str]:
-        """Called by every rank at the same iteration: rank 0 writes, with every rank's envs and random streams."""
-        own = dict(rng=util.rng_state(), env_rng=dict(train=envs.get_episode_rng()))
-        ranks = distributed.gather(own)
-        if not distributed.is_main:
-            return None
-        meta = dict(script=SCRIPT, network=NETWORK, env_id=args.env_id, obs_mode="state",
-                    control_mode=eval_envs.control_mode, obs_dim=obs_dim, action_dim=action_dim,
-                    expert_type=args.expert_type, residual_scale=eval_envs.residual_scale,
-                    args=asdict(args), versions=util.versions())
-        # everything a resumed run needs to go on as this one would (schedules are functions of the step counts)
-        resume = dict(iteration=iterations_done, global_step=iterations_done * steps_per_iteration,
-                      optimizer=optimizer.state_dict(), rng=own["rng"],
-                      env_rng=dict(train=own["env_rng"]["train"], eval=eval_envs.get_episode_rng()),
-                      other_ranks=ranks[1:])
-        return util.save_run_checkpoint(run_dir, name, dict(model=agent.state_dict(), meta=meta, resume=resume),
-                                        args.keep_checkpoints)
+    def save(name: str, iteration: int) -> Optional[str]:  # every rank takes part; rank 0 writes
+        return util.save_training_checkpoint(output, name, iteration, steps_per_iteration, agent, optimizer, envs,
+                                             eval_envs, meta, args.keep_checkpoints, distributed)
 
     def evaluate(global_step: int) -> dict:
-        obs, _ = eval_envs.reset()
-        episodes, frames = util.EpisodeMetrics(), []
-        for _ in range(num_eval_steps):
-            with torch.no_grad():
-                action = agent.get_action(obs.to(device))
-            obs, _, _, _, info = eval_envs.step(action)
-            if video_dir:
-                frames.append(eval_envs.render())
-            episodes.add(info)
-        if frames:
-            util.save_video(frames, os.path.join(video_dir, f"eval_{global_step}.mp4"))
-        return episodes.means()
-
-    def eval_line(metrics: dict, global_step: int) -> str:
-        return f"eval @ {global_step} steps: " + " ".join(
-            f"{k}={metrics[k]:.3f}" for k in ("success_once", "success_at_end", "return") if k in metrics)
+        return util.evaluate(eval_envs, lambda obs: agent.get_action(obs.to(device)),
+                             args.num_eval_steps or eval_envs.max_episode_steps, output.video_path(global_step))
 
     if args.evaluate:
         metrics = evaluate(0)
-        print(eval_line(metrics, 0))
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(dict(checkpoint=args.checkpoint, eval=metrics), f, indent=2)
+        print(util.eval_line(metrics, 0))
+        output.write_summary(dict(checkpoint=args.checkpoint, eval=metrics))
         eval_envs.close()
         return
 
@@ -493,19 +461,12 @@ def main():
 
     iterations_done, global_step, last_eval = 0, 0, {}
     timer = util.PhaseTimer(device, sync=args.verbose)  # seconds per phase; --verbose prints them per iteration
-    if envs is not None:
-        envs.timer = timer
+    envs.timer = timer
     train_metrics = util.EpisodeMetrics()  # the training episodes that ended, logged once per iteration
     next_obs = obs
-    if resume is not None:  # ---- resume: counters, this rank's envs and seed streams, then its random streams ----
-        own = resume if distributed.is_main else resume["other_ranks"][distributed.rank - 1]
-        iterations_done, global_step = resume["iteration"], resume["global_step"]
-        next_obs, _ = envs.reset_to_episode_rng(own["env_rng"]["train"])
-        if eval_envs is not None:
-            eval_envs.reset_to_episode_rng(resume["env_rng"]["eval"])
-        util.set_rng_state(own["rng"])  # after the resets, which may draw expert noise
-        if distributed.is_main:
-            print(f"resumed from {args.checkpoint} after iteration {iterations_done} ({global_step} steps)")
+    if resume is not None:  # ---- resume: counters, envs and seed streams, random streams ----
+        iterations_done, global_step, next_obs = util.restore_training(resume, args.checkpoint, envs, eval_envs,
+                                                                       distributed)
     steps_at_start = global_step
     next_obs = next_obs.to(device)
     next_done = torch.zeros(args.num_envs, device=device)
@@ -527,9 +488,8 @@ def main():
         if distributed.is_main and (iteration - 1) % args.eval_freq == 0 and not stop.requested:
             with timer("eval"):
                 last_eval = evaluate(global_step)
-            for k, v in last_eval.items():
-                writer.add_scalar(f"eval/{k}", v, global_step)
-            progress.write(eval_line(last_eval, global_step))
+            output.scalars({f"eval/{k}": v for k, v in last_eval.items()}, global_step)
+            progress.write(util.eval_line(last_eval, global_step))
 
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
@@ -542,7 +502,7 @@ def main():
             if stop.requested and not distributed.enabled:  # drop this rollout; the last finished iteration is saved
                 break
             if backend == "cpu":  # ManiSkill's CPU simulation raises on a nan action: check what the policy sees
-                util.check_finite(iteration, run_dir, observations=next_obs)
+                util.check_finite(iteration, output.dir, observations=next_obs)
             global_step += args.num_envs * distributed.world_size
             obs_buf[step] = next_obs
             dones[step] = next_done
@@ -567,7 +527,7 @@ def main():
 
         if stop.requested and not distributed.enabled:
             break
-        util.check_finite(iteration, run_dir, observations=obs_buf, rewards=rewards)
+        util.check_finite(iteration, output.dir, observations=obs_buf, rewards=rewards)
         timer.stop("rollout")
 
         # ---- advantage (GAE) ----
@@ -609,7 +569,7 @@ def main():
                 optimizer.step()
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
-        util.check_finite(iteration, run_dir, loss=loss_sum, gradients=grad_norm_sum)
+        util.check_finite(iteration, output.dir, loss=loss_sum, gradients=grad_norm_sum)
         timer.stop("update")
         if distributed.enabled:  # the ranks must hold the same weights after every update
             parameter_hashes.append(distributed.parameter_hashes(agent))
@@ -629,37 +589,32 @@ def main():
         sps = int((global_step - steps_at_start) / timer.training_seconds())
         if args.verbose:
             progress.write(f"iteration {iteration}: {timer.since_last_report()}")
-        for k, v in train_metrics.means().items():
-            writer.add_scalar(f"train/{k}", v, global_step)
         y_pred, y_true = batch["vals"].cpu().numpy(), batch["returns"].cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        writer.add_scalar("losses/value_loss", losses["v_loss"].item(), global_step)
-        writer.add_scalar("losses/policy_loss", losses["pg_loss"].item(), global_step)
-        writer.add_scalar("losses/entropy", losses["entropy"].item(), global_step)
-        writer.add_scalar("losses/old_approx_kl", losses["old_approx_kl"].item(), global_step)
-        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
-        writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
-        writer.add_scalar("losses/explained_variance", explained_var, global_step)
-        for k, v in action_stats.items():
-            writer.add_scalar(f"actions/{k}_abs_mean", float(v), global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("charts/residual_scale", envs.residual_scale, global_step)
-        writer.add_scalar("charts/residual_prob", envs.residual_prob, global_step)
-        writer.add_scalar("charts/worker_restarts", envs.env.worker_restarts, global_step)
-        for k, v in timer.seconds.items():
-            writer.add_scalar(f"time/{k}_seconds", v, global_step)
+        output.scalars({
+            "charts/learning_rate": optimizer.param_groups[0]["lr"],
+            "losses/value_loss": losses["v_loss"].item(),
+            "losses/policy_loss": losses["pg_loss"].item(),
+            "losses/entropy": losses["entropy"].item(),
+            "losses/old_approx_kl": losses["old_approx_kl"].item(),
+            "losses/approx_kl": approx_kl.item(),
+            "losses/clipfrac": torch.stack(clipfracs).mean().item(),
+            "losses/explained_variance": explained_var,
+            "charts/SPS": sps,
+            "charts/residual_scale": envs.residual_scale,
+            "charts/residual_prob": envs.residual_prob,
+            "charts/worker_restarts": envs.env.worker_restarts,
+            **{f"train/{k}": v for k, v in train_metrics.means().items()},
+            **{f"actions/{k}_abs_mean": float(v) for k, v in action_stats.items()},
+            **{f"time/{k}_seconds": v for k, v in timer.seconds.items()},
+        }, global_step)
         progress.set_postfix(SPS=sps, eval_success=f"{last_eval.get('success_once', float('nan')):.2f}")
 
     progress.close()
     if distributed.any(stop.requested):  # ---- signal: checkpoint the last finished iteration, close, exit ----
         latest = save(f"ckpt_{iterations_done}.pt", iterations_done) if args.save_model else None
-        if distributed.is_main:
-            writer.close()
-            eval_envs.close()
-        envs.close()
-        distributed.close()
+        util.close_run(output, envs, eval_envs, distributed)
         if not distributed.is_main:
             stop.exit()  # rank 0 reports
         stop.exit(f"resume with: python {SCRIPT} --resume --checkpoint {latest}" if latest else "nothing saved")
@@ -669,25 +624,20 @@ def main():
     schedule.apply(global_step, train=envs, evaluation=eval_envs)
     if distributed.is_main:
         last_eval = evaluate(global_step)
-        for k, v in last_eval.items():
-            writer.add_scalar(f"eval/{k}", v, global_step)
-        print(eval_line(last_eval, global_step))
+        output.scalars({f"eval/{k}": v for k, v in last_eval.items()}, global_step)
+        print(util.eval_line(last_eval, global_step))
     if args.save_model:
         save("final_ckpt.pt", iterations_done)
     if distributed.is_main:
         if args.save_model:
-            print(f"saved {run_dir}/final_ckpt.pt")
+            print(f"saved {output.dir}/final_ckpt.pt")
         train_sps = (global_step - steps_at_start) / timer.training_seconds()
         summary = dict(global_step=global_step, train_sps=train_sps, seconds=timer.seconds, eval=last_eval,
                        **util.peak_gpu_memory(device))
         if distributed.enabled:
             summary.update(world_size=distributed.world_size, parameter_hashes=parameter_hashes)
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        writer.close()
-        eval_envs.close()
-    envs.close()
-    distributed.close()
+        output.write_summary(summary)
+    util.close_run(output, envs, eval_envs, distributed)
 
 
 if __name__ == "__main__":

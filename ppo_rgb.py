@@ -8,11 +8,8 @@ GPU simulation when CUDA is present, otherwise on the multi-process CPU backend,
 the software Vulkan driver. CleanRL style: one file, top to bottom.
 """
 
-import json
 import math
 import os
-import random
-import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -23,7 +20,6 @@ import torch.nn as nn
 import torch.optim as optim
 import tyro
 from torch.distributions.normal import Normal
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import experts
@@ -349,11 +345,15 @@ def check_args(args: Args) -> None:
     util.check_writable(os.path.dirname(os.path.abspath(args.checkpoint)) if args.resume else args.output_dir)
 
 
-def main():
+def parse_args() -> tuple[Args, str, bool]:
+    """The command line (on --resume the run's own arguments, overridden by the flags given now), checked, with the
+    defaults that depend on the backend filled in. Returns (args, backend, whether the control mode is the expert's
+    default)."""
     args = tyro.cli(Args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
-        raise util.UsageError(f"{SCRIPT} trains in one process; data-parallel training (torchrun) is in ppo.py and ppo_fast.py")
-    if args.resume:  # the run's own arguments, overridden by the flags given now
+        raise util.UsageError(f"{SCRIPT} trains in one process; data-parallel training (torchrun) is in ppo.py and "
+                              f"ppo_fast.py")
+    if args.resume:
         args = tyro.cli(Args, default=Args(**util.resume_args(args.checkpoint, Args)))
     backend = util.resolve_sim_backend(args.sim_backend)
     cores = util.available_cores()
@@ -365,47 +365,42 @@ def main():
         args.num_minibatches = 32 if backend == "gpu" else 2
     if args.exp_name is None:
         args.exp_name = os.path.splitext(SCRIPT)[0]
-    chosen_control_mode = args.control_mode is None
-    if chosen_control_mode:
+    default_control_mode = args.control_mode is None
+    if default_control_mode:
         args.control_mode = experts.default_control_mode(args.expert_type)
     check_args(args)
-    schedule = util.ResidualSchedule(args.residual_scale, args.residual_scale_schedule, args.residual_scale_final,
-                                     args.total_timesteps, args.residual_warmup_steps)  # checks its flags too
-    checkpoint = util.load_checkpoint(args.checkpoint) if args.checkpoint else None
-    if checkpoint is not None:
-        util.check_checkpoint(checkpoint, args.checkpoint, network=NETWORK, env_id=args.env_id,
-                              expert_type=args.expert_type)
-    if args.resume:
-        util.check_resume(checkpoint, args.checkpoint, args)
-    resume = checkpoint["resume"] if args.resume else None
+    return args, backend, default_control_mode
 
-    batch_size = args.num_envs * args.num_steps
-    minibatch_size = batch_size // args.num_minibatches
-    num_iterations = args.total_timesteps // batch_size
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    # nan and inf are caught once per iteration (util.check_finite below) instead of by the distributions' argument
-    # checks, which raise a traceback and cost a host sync at every call
-    torch.distributions.Distribution.set_default_validate_args(False)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    # On the CPU backend the env workers own the cores while they step, and idle OpenMP threads would
-    # spin against them, so the rollout runs single-threaded; the update, while the workers wait, uses all.
-    rollout_threads, update_threads = (1, torch.get_num_threads()) if backend == "cpu" else (None, None)
+def load_checkpoint(args: Args) -> tuple[Optional[dict], Optional[dict]]:
+    """--checkpoint (to evaluate or resume), checked against this script and run: (checkpoint, its resume state on
+    --resume); (None, None) without one."""
+    if args.checkpoint is None:
+        return None, None
+    checkpoint = util.load_checkpoint(args.checkpoint)
+    util.check_checkpoint(checkpoint, args.checkpoint, network=NETWORK, env_id=args.env_id,
+                          expert_type=args.expert_type)
+    if not args.resume:
+        return checkpoint, None
+    util.check_resume(checkpoint, args.checkpoint, args)
+    return checkpoint, checkpoint["resume"]
 
-    # ---- environments: backend -> expert + residual wrapper ----
+
+def make_envs(args: Args, backend: str):
+    """Backend -> expert + residual wrapper, for training (none with --evaluate) and for eval; the envs run in
+    "state_dict+rgb" so that experts read privileged state, and the policy sees what "rgb" would give it. Returns
+    (envs, eval_envs, the eval envs' first observation)."""
     env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend, obs_mode="state_dict+rgb",
                       restart_dead_workers=args.restart_dead_workers,
                       sensor_configs=dict(width=args.camera_width, height=args.camera_height))
     eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True,
-                               reconfiguration_freq=args.eval_reconfiguration_freq, **env_kwargs)
+                              reconfiguration_freq=args.eval_reconfiguration_freq, **env_kwargs)
     expert_fns = experts.make_experts(args.expert_type, args.env_id, eval_envs, ik_gain=args.ik_gain,
                                       model_path=args.model_path, expert_fn=args.expert_fn, image_agent=Agent)
     eval_envs = util.ExpertResidualWrapper(eval_envs, expert_fns, args.residual_scale, args.clip_final_action,
                                            fusion=args.fusion,
                                            policy_obs_fn=util.image_policy_obs(eval_envs, args.include_state))
+    envs = None
     if not args.evaluate:
         train_backend = util.make_env(args.env_id, args.num_envs, ignore_terminations=not args.partial_reset,
                                       **env_kwargs)
@@ -413,15 +408,40 @@ def main():
             train_backend, expert_fns, args.residual_scale, args.clip_final_action,
             expert_action_noise=args.expert_action_noise, fusion=args.fusion,
             policy_obs_fn=util.image_policy_obs(train_backend, args.include_state))
-    num_eval_steps = args.num_eval_steps or eval_envs.max_episode_steps
     obs, _ = eval_envs.reset(seed=args.seed + 1_000_000)
+    return envs, eval_envs, obs
+
+
+def describe(args: Args, backend: str, device: torch.device, default_control_mode: bool) -> str:
+    """The run's first line: backend, envs, control mode, expert, device."""
+    return (f"backend: {backend} | envs: {'-' if args.evaluate else args.num_envs} train, {args.num_eval_envs} eval | "
+            f"control mode: {args.control_mode}"
+            f"{f' (default for --expert-type {args.expert_type})' if default_control_mode else ''} | "
+            f"expert: {args.expert_type} | device: {device}")
+
+
+def main():
+    args, backend, default_control_mode = parse_args()
+    schedule = util.ResidualSchedule(args.residual_scale, args.residual_scale_schedule, args.residual_scale_final,
+                                     args.total_timesteps, args.residual_warmup_steps)
+    checkpoint, resume = load_checkpoint(args)
+    batch_size = args.num_envs * args.num_steps
+    minibatch_size = batch_size // args.num_minibatches
+    num_iterations = args.total_timesteps // batch_size
+    util.seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    # On the CPU backend the env workers own the cores while they step, and idle OpenMP threads would
+    # spin against them, so the rollout runs single-threaded; the update, while the workers wait, uses all.
+    rollout_threads, update_threads = (1, torch.get_num_threads()) if backend == "cpu" else (None, None)
+
+    # ---- environments, agent, optimizer ----
+    envs, eval_envs, obs = make_envs(args, backend)
     # the policy's action: the residual, plus one fusion logit per expert with --fusion learned
     rgb_shape, state_dim, action_dim = list(obs["rgb"].shape[1:]), obs["state"].shape[1], eval_envs.policy_action_dim
-
     agent = Agent(rgb_shape, state_dim, action_dim, args.init_logstd).to(device)
     if checkpoint is not None:
         util.check_checkpoint(checkpoint, args.checkpoint, rgb_shape=rgb_shape, state_dim=state_dim,
-                              action_dim=action_dim, control_mode=eval_envs.control_mode)
+                              action_dim=action_dim, control_mode=args.control_mode)
         agent.load_state_dict(checkpoint["model"])
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: one pass over all parameters
     warmup = util.CriticWarmup(agent, optimizer, args.critic_warmup_iters, device)
@@ -429,69 +449,25 @@ def main():
         optimizer.load_state_dict(resume["optimizer"])
 
     # ---- output: logs, checkpoints, videos ----
-    if resume is not None:  # a resumed run goes on in its own directory
-        run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
-    else:
-        run_dir = os.path.join(args.output_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    run_name = os.path.basename(run_dir)
-    # a GPU simulation without NVIDIA's Vulkan driver trains unrendered (util.render_backend said so)
-    video_dir = os.path.join(run_dir, "videos") if args.capture_video and eval_envs is not None \
-        and eval_envs.can_render else None
-    os.makedirs(run_dir, exist_ok=True)
-    if args.track:
-        import wandb
+    output = util.RunOutput(args, True, eval_envs.can_render,
+                            describe(args, backend, device, default_control_mode),
+                            resume["global_step"] if resume is not None else None)
+    meta = dict(script=SCRIPT, network=NETWORK, env_id=args.env_id, obs_mode="rgb", control_mode=args.control_mode,
+                rgb_shape=rgb_shape, state_dim=state_dim, action_dim=action_dim, expert_type=args.expert_type,
+                args=asdict(args))
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    # on resume, hide what a crashed run logged after its checkpoint
-    writer = SummaryWriter(run_dir, purge_step=resume["global_step"] if resume is not None else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    print(f"backend: {backend} | envs: {'-' if args.evaluate else args.num_envs} train, {args.num_eval_envs} eval | "
-          f"control mode: {eval_envs.control_mode}{f' (default for --expert-type {args.expert_type})' if chosen_control_mode else ''} | "
-          f"expert: {args.expert_type} | device: {device}")
-    print(f"logs: {run_dir} (tensorboard --logdir {os.path.dirname(run_dir)})")
-    if args.save_model and not args.evaluate:
-        print(f"checkpoints: {run_dir}/latest.pt (the newest), ckpt_<iteration>.pt (the last {args.keep_checkpoints}) "
-              f"and final_ckpt.pt")
-    if video_dir:
-        print(f"videos: {video_dir}")
-
-    def save(name: str, iterations_done: int) -> str:
-        meta = dict(script=SCRIPT, network=NETWORK, env_id=args.env_id, obs_mode="rgb",
-                    control_mode=eval_envs.control_mode, rgb_shape=rgb_shape, state_dim=state_dim,
-                    action_dim=action_dim,
-                    expert_type=args.expert_type, residual_scale=eval_envs.residual_scale,
-                    args=asdict(args), versions=util.versions())
-        # everything a resumed run needs to go on as this one would (schedules are functions of the step counts)
-        resume = dict(iteration=iterations_done, global_step=iterations_done * batch_size,
-                      optimizer=optimizer.state_dict(), rng=util.rng_state(),
-                      env_rng=dict(train=envs.get_episode_rng(), eval=eval_envs.get_episode_rng()))
-        return util.save_run_checkpoint(run_dir, name, dict(model=agent.state_dict(), meta=meta, resume=resume),
-                                        args.keep_checkpoints)
+    def save(name: str, iteration: int) -> str:
+        return util.save_training_checkpoint(output, name, iteration, batch_size, agent, optimizer, envs, eval_envs,
+                                             meta, args.keep_checkpoints)
 
     def evaluate(global_step: int) -> dict:
-        obs, _ = eval_envs.reset()
-        episodes, frames = util.EpisodeMetrics(), []
-        for _ in range(num_eval_steps):
-            with torch.no_grad():
-                action = agent.get_action(to_device(obs, device))
-            obs, _, _, _, info = eval_envs.step(action)
-            if video_dir:
-                frames.append(eval_envs.render())
-            episodes.add(info)
-        if frames:
-            util.save_video(frames, os.path.join(video_dir, f"eval_{global_step}.mp4"))
-        return episodes.means()
-
-    def eval_line(metrics: dict, global_step: int) -> str:
-        return f"eval @ {global_step} steps: " + " ".join(
-            f"{k}={metrics[k]:.3f}" for k in ("success_once", "success_at_end", "return") if k in metrics)
+        return util.evaluate(eval_envs, lambda obs: agent.get_action(to_device(obs, device)),
+                             args.num_eval_steps or eval_envs.max_episode_steps, output.video_path(global_step))
 
     if args.evaluate:
         metrics = evaluate(0)
-        print(eval_line(metrics, 0))
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(dict(checkpoint=args.checkpoint, eval=metrics), f, indent=2)
+        print(util.eval_line(metrics, 0))
+        output.write_summary(dict(checkpoint=args.checkpoint, eval=metrics))
         eval_envs.close()
         return
 
@@ -517,12 +493,8 @@ def main():
     train_metrics = util.EpisodeMetrics()  # the training episodes that ended, logged once per iteration
     if resume is None:
         next_obs, _ = envs.reset(seed=args.seed)
-    else:  # ---- resume: counters, the envs' episodes and seed streams, then the random streams ----
-        iterations_done, global_step = resume["iteration"], resume["global_step"]
-        next_obs, _ = envs.reset_to_episode_rng(resume["env_rng"]["train"])
-        eval_envs.reset_to_episode_rng(resume["env_rng"]["eval"])
-        util.set_rng_state(resume["rng"])  # after the resets, which may draw expert noise
-        print(f"resumed from {args.checkpoint} after iteration {iterations_done} ({global_step} steps)")
+    else:  # ---- resume: counters, envs and seed streams, random streams ----
+        iterations_done, global_step, next_obs = util.restore_training(resume, args.checkpoint, envs, eval_envs)
     steps_at_start = global_step
     next_obs = to_device(next_obs, device)
     next_done = torch.zeros(args.num_envs, device=device)
@@ -537,9 +509,8 @@ def main():
         if (iteration - 1) % args.eval_freq == 0 and not stop.requested:
             with timer("eval"):
                 last_eval = evaluate(global_step)
-            for k, v in last_eval.items():
-                writer.add_scalar(f"eval/{k}", v, global_step)
-            progress.write(eval_line(last_eval, global_step))
+            output.scalars({f"eval/{k}": v for k, v in last_eval.items()}, global_step)
+            progress.write(util.eval_line(last_eval, global_step))
 
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
@@ -552,7 +523,7 @@ def main():
             if stop.requested:  # a signal: drop this rollout; the last finished iteration is saved below
                 break
             if backend == "cpu":  # ManiSkill's CPU simulation raises on a nan action: check what the policy sees
-                util.check_finite(iteration, run_dir, observations=next_obs["state"])
+                util.check_finite(iteration, output.dir, observations=next_obs["state"])
             global_step += args.num_envs
             rgb_buf[step] = next_obs["rgb"]
             state_buf[step] = next_obs["state"]
@@ -577,7 +548,7 @@ def main():
 
         if stop.requested:
             break
-        util.check_finite(iteration, run_dir, observations=state_buf, rewards=rewards)
+        util.check_finite(iteration, output.dir, observations=state_buf, rewards=rewards)
         timer.stop("rollout")
 
         # ---- advantage (GAE) ----
@@ -621,35 +592,33 @@ def main():
                 optimizer.step()
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
-        util.check_finite(iteration, run_dir, loss=loss_sum, gradients=grad_norm_sum)
+        util.check_finite(iteration, output.dir, loss=loss_sum, gradients=grad_norm_sum)
 
         # ---- log ----
         timer.stop("update")
         sps = int((global_step - steps_at_start) / timer.training_seconds())
         if args.verbose:
             progress.write(f"iteration {iteration}: {timer.since_last_report()}")
-        for k, v in train_metrics.means().items():
-            writer.add_scalar(f"train/{k}", v, global_step)
         y_pred, y_true = batch["vals"].cpu().numpy(), batch["returns"].cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        writer.add_scalar("losses/value_loss", losses["v_loss"].item(), global_step)
-        writer.add_scalar("losses/policy_loss", losses["pg_loss"].item(), global_step)
-        writer.add_scalar("losses/entropy", losses["entropy"].item(), global_step)
-        writer.add_scalar("losses/old_approx_kl", losses["old_approx_kl"].item(), global_step)
-        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
-        writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
-        writer.add_scalar("losses/explained_variance", explained_var, global_step)
-        for k, v in action_stats.items():
-            writer.add_scalar(f"actions/{k}_abs_mean", float(v), global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("charts/residual_scale", envs.residual_scale, global_step)
-        writer.add_scalar("charts/residual_prob", envs.residual_prob, global_step)
-        writer.add_scalar("charts/worker_restarts", envs.env.worker_restarts, global_step)
-        for k, v in timer.seconds.items():
-            writer.add_scalar(f"time/{k}_seconds", v, global_step)
-        progress.update(batch_size)
+        output.scalars({
+            "charts/learning_rate": optimizer.param_groups[0]["lr"],
+            "losses/value_loss": losses["v_loss"].item(),
+            "losses/policy_loss": losses["pg_loss"].item(),
+            "losses/entropy": losses["entropy"].item(),
+            "losses/old_approx_kl": losses["old_approx_kl"].item(),
+            "losses/approx_kl": approx_kl.item(),
+            "losses/clipfrac": torch.stack(clipfracs).mean().item(),
+            "losses/explained_variance": explained_var,
+            "charts/SPS": sps,
+            "charts/residual_scale": envs.residual_scale,
+            "charts/residual_prob": envs.residual_prob,
+            "charts/worker_restarts": envs.env.worker_restarts,
+            **{f"train/{k}": v for k, v in train_metrics.means().items()},
+            **{f"actions/{k}_abs_mean": float(v) for k, v in action_stats.items()},
+            **{f"time/{k}_seconds": v for k, v in timer.seconds.items()},
+        }, global_step)
         progress.set_postfix(SPS=sps, eval_success=f"{last_eval.get('success_once', float('nan')):.2f}")
 
         # ---- checkpoint: the model the next eval scores, and what resuming needs ----
@@ -660,29 +629,23 @@ def main():
     progress.close()
     if stop.requested:  # ---- signal: checkpoint the last finished iteration, close envs and workers, exit ----
         latest = save(f"ckpt_{iterations_done}.pt", iterations_done) if args.save_model else None
-        writer.close()
-        envs.close()
-        eval_envs.close()
+        util.close_run(output, envs, eval_envs)
         stop.exit(f"resume with: python {SCRIPT} --resume --checkpoint {latest}" if latest else "nothing saved")
     if rollout_threads:
         torch.set_num_threads(rollout_threads)
     # ---- final eval and checkpoint ----
     schedule.apply(global_step, train=envs, evaluation=eval_envs)
     last_eval = evaluate(global_step)
-    for k, v in last_eval.items():
-        writer.add_scalar(f"eval/{k}", v, global_step)
-    print(eval_line(last_eval, global_step))
+    output.scalars({f"eval/{k}": v for k, v in last_eval.items()}, global_step)
+    print(util.eval_line(last_eval, global_step))
     if args.save_model:
         save("final_ckpt.pt", iterations_done)
-        print(f"saved {run_dir}/final_ckpt.pt")
+        print(f"saved {output.dir}/final_ckpt.pt")
     train_sps = (global_step - steps_at_start) / timer.training_seconds()
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(dict(global_step=global_step, train_sps=train_sps,
-                       seconds=timer.seconds, buffer_bytes_per_env_step=bytes_per_env_step, eval=last_eval,
-                       **util.peak_gpu_memory(device)), f, indent=2)
-    writer.close()
-    envs.close()
-    eval_envs.close()
+    output.write_summary(dict(global_step=global_step, train_sps=train_sps, seconds=timer.seconds,
+                              buffer_bytes_per_env_step=bytes_per_env_step, eval=last_eval,
+                              **util.peak_gpu_memory(device)))
+    util.close_run(output, envs, eval_envs)
 
 
 if __name__ == "__main__":

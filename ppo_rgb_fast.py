@@ -9,11 +9,8 @@ the update as CUDA graphs. Without CUDA, `--cudagraphs` is skipped with a notice
 """
 
 import functools
-import json
 import math
 import os
-import random
-import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -26,7 +23,6 @@ import tyro
 from tensordict import TensorDict, from_module
 from tensordict.nn import CudaGraphModule, TensorDictModule
 from torch.distributions.normal import Normal
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import experts
@@ -383,11 +379,71 @@ def check_args(args: Args) -> None:
     util.check_writable(os.path.dirname(os.path.abspath(args.checkpoint)) if args.resume else args.output_dir)
 
 
-def main():
+def make_executables(args: Args, agent_inference: Agent, update, device: torch.device):
+    """The rollout's policy step and value, GAE and the update: eager, or compiled with --compile (--cudagraphs
+    wraps them once they are warm). On the CPU the per-step calls stay eager: at a few envs per call, a compiled
+    function's call overhead exceeds what its fused kernels save; on CUDA fusion and fewer launches win. Returns
+    (policy, get_value, advantage_fn, update, a description of what is compiled)."""
+    policy, get_value = agent_inference.act, agent_inference.get_value
+    advantage_fn = functools.partial(gae, gamma=args.gamma, gae_lambda=args.gae_lambda)
+    compile_policy = args.compile and device.type == "cuda"
+    if compile_policy:
+        policy, get_value = torch.compile(policy), torch.compile(get_value)
+    if args.compile:
+        advantage_fn = torch.compile(advantage_fn, fullgraph=True)
+        update = torch.compile(update)
+    compiled_parts = "the policy step, value, GAE and update" if compile_policy \
+        else "GAE and the update (the per-step policy and value stay eager on the CPU)"
+    return policy, get_value, advantage_fn, update, compiled_parts
+
+
+def make_storage(args: Args, rgb_shape: list, state_dim: int, action_dim: int, device: torch.device) -> TensorDict:
+    zeros = functools.partial(torch.zeros, args.num_steps, args.num_envs)
+    return TensorDict(obs=dict(rgb=zeros(*rgb_shape, dtype=torch.uint8), state=zeros(state_dim)), actions=zeros(action_dim),
+                      logprobs=zeros(), rewards=zeros(), dones=zeros(), vals=zeros(), final_values=zeros(),
+                      advantages=zeros(), returns=zeros(),
+                      residual_applied=torch.ones(args.num_steps, args.num_envs),  # progressive exploration's coin
+                      batch_size=(args.num_steps, args.num_envs), device=device)
+
+
+def compile_and_capture(args: Args, device: torch.device, policy, get_value, advantage_fn, update,
+                        container: TensorDict, next_obs, next_done, minibatch_size: int, step_enabled: torch.Tensor,
+                        threads: tuple, timer: util.PhaseTimer):
+    """--compile: trace every compiled function once now, at the run's shapes, so that training time excludes it
+    (timed as "compile"). Dynamo specializes on the thread count, so each function is traced under the count it
+    will run with. --cudagraphs: the policy step and the update replay as CUDA graphs. Returns (policy, update)."""
+    rollout_threads, update_threads = threads
+    if args.compile:
+        timer.start("compile")
+        if rollout_threads:
+            torch.set_num_threads(rollout_threads)
+        with torch.no_grad():
+            if device.type == "cuda":  # where the policy step is compiled (make_executables)
+                policy(next_obs)
+            advantage_fn(get_value(next_obs).flatten(), next_done, container)
+        if update_threads:
+            torch.set_num_threads(update_threads)
+        # the warm-up update must leave no trace: with its step switched off, the weights and Adam's state stay
+        step_enabled.fill_(False)
+        update(container.view(-1)[:minibatch_size], tensordict_out=TensorDict())
+        timer.stop("compile")
+    if args.cudagraphs:
+        # the first warmup - 1 calls run eagerly (a compiled function may still recompile there), the next records
+        graph_warmup = 3 if args.compile else 2
+        policy = CudaGraphModule(policy, warmup=graph_warmup)
+        update = CudaGraphModule(update, warmup=graph_warmup)
+    return policy, update
+
+
+def parse_args() -> tuple[Args, str, bool]:
+    """The command line (on --resume the run's own arguments, overridden by the flags given now), checked, with the
+    defaults that depend on the backend filled in. Returns (args, backend, whether the control mode is the expert's
+    default)."""
     args = tyro.cli(Args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
-        raise util.UsageError(f"{SCRIPT} trains in one process; data-parallel training (torchrun) is in ppo.py and ppo_fast.py")
-    if args.resume:  # the run's own arguments, overridden by the flags given now
+        raise util.UsageError(f"{SCRIPT} trains in one process; data-parallel training (torchrun) is in ppo.py and "
+                              f"ppo_fast.py")
+    if args.resume:
         args = tyro.cli(Args, default=Args(**util.resume_args(args.checkpoint, Args)))
     backend = util.resolve_sim_backend(args.sim_backend)
     cores = util.available_cores()
@@ -399,31 +455,70 @@ def main():
         args.num_minibatches = 32 if backend == "gpu" else 2
     if args.exp_name is None:
         args.exp_name = os.path.splitext(SCRIPT)[0]
-    chosen_control_mode = args.control_mode is None
-    if chosen_control_mode:
+    default_control_mode = args.control_mode is None
+    if default_control_mode:
         args.control_mode = experts.default_control_mode(args.expert_type)
     check_args(args)
-    schedule = util.ResidualSchedule(args.residual_scale, args.residual_scale_schedule, args.residual_scale_final,
-                                     args.total_timesteps, args.residual_warmup_steps)  # checks its flags too
-    checkpoint = util.load_checkpoint(args.checkpoint) if args.checkpoint else None
-    if checkpoint is not None:
-        util.check_checkpoint(checkpoint, args.checkpoint, network=NETWORK, env_id=args.env_id,
-                              expert_type=args.expert_type)
-    if args.resume:
-        util.check_resume(checkpoint, args.checkpoint, args)
-    resume = checkpoint["resume"] if args.resume else None
+    return args, backend, default_control_mode
 
+
+def load_checkpoint(args: Args) -> tuple[Optional[dict], Optional[dict]]:
+    """--checkpoint (to evaluate or resume), checked against this script and run: (checkpoint, its resume state on
+    --resume); (None, None) without one."""
+    if args.checkpoint is None:
+        return None, None
+    checkpoint = util.load_checkpoint(args.checkpoint)
+    util.check_checkpoint(checkpoint, args.checkpoint, network=NETWORK, env_id=args.env_id,
+                          expert_type=args.expert_type)
+    if not args.resume:
+        return checkpoint, None
+    util.check_resume(checkpoint, args.checkpoint, args)
+    return checkpoint, checkpoint["resume"]
+
+
+def make_envs(args: Args, backend: str):
+    """Backend -> expert + residual wrapper, for training (none with --evaluate) and for eval; the envs run in
+    "state_dict+rgb" so that experts read privileged state, and the policy sees what "rgb" would give it. Returns
+    (envs, eval_envs, the eval envs' first observation)."""
+    env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend, obs_mode="state_dict+rgb",
+                      restart_dead_workers=args.restart_dead_workers,
+                      sensor_configs=dict(width=args.camera_width, height=args.camera_height))
+    eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True,
+                              reconfiguration_freq=args.eval_reconfiguration_freq, **env_kwargs)
+    expert_fns = experts.make_experts(args.expert_type, args.env_id, eval_envs, ik_gain=args.ik_gain,
+                                      model_path=args.model_path, expert_fn=args.expert_fn, image_agent=Agent)
+    eval_envs = util.ExpertResidualWrapper(eval_envs, expert_fns, args.residual_scale, args.clip_final_action,
+                                           fusion=args.fusion,
+                                           policy_obs_fn=util.image_policy_obs(eval_envs, args.include_state))
+    envs = None
+    if not args.evaluate:
+        train_backend = util.make_env(args.env_id, args.num_envs, ignore_terminations=not args.partial_reset,
+                                      **env_kwargs)
+        envs = util.ExpertResidualWrapper(
+            train_backend, expert_fns, args.residual_scale, args.clip_final_action,
+            expert_action_noise=args.expert_action_noise, fusion=args.fusion,
+            policy_obs_fn=util.image_policy_obs(train_backend, args.include_state))
+    obs, _ = eval_envs.reset(seed=args.seed + 1_000_000)
+    return envs, eval_envs, obs
+
+
+def describe(args: Args, backend: str, device: torch.device, default_control_mode: bool) -> str:
+    """The run's first line: backend, envs, control mode, expert, device, compilation."""
+    return (f"backend: {backend} | envs: {'-' if args.evaluate else args.num_envs} train, {args.num_eval_envs} eval | "
+            f"control mode: {args.control_mode}"
+            f"{f' (default for --expert-type {args.expert_type})' if default_control_mode else ''} | "
+            f"expert: {args.expert_type} | device: {device} | compile: {args.compile} | cudagraphs: {args.cudagraphs}")
+
+
+def main():
+    args, backend, default_control_mode = parse_args()
+    schedule = util.ResidualSchedule(args.residual_scale, args.residual_scale_schedule, args.residual_scale_final,
+                                     args.total_timesteps, args.residual_warmup_steps)
+    checkpoint, resume = load_checkpoint(args)
     batch_size = args.num_envs * args.num_steps
     minibatch_size = batch_size // args.num_minibatches
     num_iterations = args.total_timesteps // batch_size
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    # nan and inf are caught once per iteration (util.check_finite below) instead of by the distributions' argument
-    # checks, which raise a traceback and cost a host sync at every call
-    torch.distributions.Distribution.set_default_validate_args(False)
+    util.seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         print("CUDA graphs need a CUDA device; continuing without them")
@@ -432,34 +527,14 @@ def main():
     # spin against them, so the rollout runs single-threaded; the update, while the workers wait, uses all.
     rollout_threads, update_threads = (1, torch.get_num_threads()) if backend == "cpu" else (None, None)
 
-    # ---- environments: backend -> expert + residual wrapper ----
-    env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend, obs_mode="state_dict+rgb",
-                      restart_dead_workers=args.restart_dead_workers,
-                      sensor_configs=dict(width=args.camera_width, height=args.camera_height))
-    eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True,
-                               reconfiguration_freq=args.eval_reconfiguration_freq, **env_kwargs)
-    expert_fns = experts.make_experts(args.expert_type, args.env_id, eval_envs, ik_gain=args.ik_gain,
-                                      model_path=args.model_path, expert_fn=args.expert_fn, image_agent=Agent)
-    eval_envs = util.ExpertResidualWrapper(eval_envs, expert_fns, args.residual_scale, args.clip_final_action,
-                                           fusion=args.fusion,
-                                           policy_obs_fn=util.image_policy_obs(eval_envs, args.include_state))
-    if not args.evaluate:
-        train_backend = util.make_env(args.env_id, args.num_envs, ignore_terminations=not args.partial_reset,
-                                      **env_kwargs)
-        envs = util.ExpertResidualWrapper(
-            train_backend, expert_fns, args.residual_scale, args.clip_final_action,
-            expert_action_noise=args.expert_action_noise, fusion=args.fusion,
-            policy_obs_fn=util.image_policy_obs(train_backend, args.include_state))
-    num_eval_steps = args.num_eval_steps or eval_envs.max_episode_steps
-    obs, _ = eval_envs.reset(seed=args.seed + 1_000_000)
+    # ---- environments, agent, optimizer ----
+    envs, eval_envs, obs = make_envs(args, backend)
     # the policy's action: the residual, plus one fusion logit per expert with --fusion learned
     rgb_shape, state_dim, action_dim = list(obs["rgb"].shape[1:]), obs["state"].shape[1], eval_envs.policy_action_dim
-
-    # ---- agent: trained copy, rollout copy sharing its parameters, optimizer ----
     agent = Agent(rgb_shape, state_dim, action_dim, args.init_logstd).to(device)
     if checkpoint is not None:
         util.check_checkpoint(checkpoint, args.checkpoint, rgb_shape=rgb_shape, state_dim=state_dim,
-                              action_dim=action_dim, control_mode=eval_envs.control_mode)
+                              action_dim=action_dim, control_mode=args.control_mode)
         agent.load_state_dict(checkpoint["model"])  # copies in place: loading never rebinds a parameter
     # The rollout copy holds the same storage without autograd history, so the policy step stays a pure
     # inference graph while the update changes the weights it reads.
@@ -473,107 +548,34 @@ def main():
         util.load_optimizer_state(optimizer, resume["optimizer"])
     warmup = util.CriticWarmup(agent, optimizer, args.critic_warmup_iters, device)
     step_enabled = torch.ones((), dtype=torch.bool, device=device)  # the optimizer steps while True (make_update)
-
-    # ---- executables: eager, compiled, graphed ----
-    policy = agent_inference.act
-    get_value = agent_inference.get_value
-    advantage_fn = functools.partial(gae, gamma=args.gamma, gae_lambda=args.gae_lambda)
-    update = make_update(agent, optimizer, args, warmup, step_enabled)
-    # On the CPU the per-step calls stay eager: at a few envs per call, a compiled function's call overhead
-    # (about 50 us measured) exceeds what its fused kernels save; on CUDA fusion and fewer launches win.
-    compile_policy = args.compile and device.type == "cuda"
-    if compile_policy:
-        policy = torch.compile(policy)
-        get_value = torch.compile(get_value)
-    compiled_parts = "the policy step, value, GAE and update" if compile_policy \
-        else "GAE and the update (the per-step policy and value stay eager on the CPU)"
-    if args.compile:
-        advantage_fn = torch.compile(advantage_fn, fullgraph=True)
-        update = torch.compile(update)
+    policy, get_value, advantage_fn, update, compiled_parts = make_executables(
+        args, agent_inference, make_update(agent, optimizer, args, warmup, step_enabled), device)
 
     # ---- output: logs, checkpoints, videos ----
-    if resume is not None:  # a resumed run goes on in its own directory
-        run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
-    else:
-        run_dir = os.path.join(args.output_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    run_name = os.path.basename(run_dir)
-    # a GPU simulation without NVIDIA's Vulkan driver trains unrendered (util.render_backend said so)
-    video_dir = os.path.join(run_dir, "videos") if args.capture_video and eval_envs is not None \
-        and eval_envs.can_render else None
-    os.makedirs(run_dir, exist_ok=True)
-    if args.track:
-        import wandb
+    output = util.RunOutput(args, True, eval_envs.can_render,
+                            describe(args, backend, device, default_control_mode),
+                            resume["global_step"] if resume is not None else None)
+    meta = dict(script=SCRIPT, network=NETWORK, env_id=args.env_id, obs_mode="rgb", control_mode=args.control_mode,
+                rgb_shape=rgb_shape, state_dim=state_dim, action_dim=action_dim, expert_type=args.expert_type,
+                args=asdict(args))
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    # on resume, hide what a crashed run logged after its checkpoint
-    writer = SummaryWriter(run_dir, purge_step=resume["global_step"] if resume is not None else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    print(f"backend: {backend} | envs: {'-' if args.evaluate else args.num_envs} train, {args.num_eval_envs} eval | "
-          f"control mode: {eval_envs.control_mode}{f' (default for --expert-type {args.expert_type})' if chosen_control_mode else ''} | "
-          f"expert: {args.expert_type} | device: {device} | compile: {args.compile} | cudagraphs: {args.cudagraphs}")
-    print(f"logs: {run_dir} (tensorboard --logdir {os.path.dirname(run_dir)})")
-    if args.save_model and not args.evaluate:
-        print(f"checkpoints: {run_dir}/latest.pt (the newest), ckpt_<iteration>.pt (the last {args.keep_checkpoints}) "
-              f"and final_ckpt.pt")
-    if video_dir:
-        print(f"videos: {video_dir}")
-
-    def save(name: str, iterations_done: int) -> str:
-        # agent is never compiled itself (only functions are), so its state dict has no _orig_mod. keys
-        meta = dict(script=SCRIPT, network=NETWORK, env_id=args.env_id, obs_mode="rgb",
-                    control_mode=eval_envs.control_mode, rgb_shape=rgb_shape, state_dim=state_dim,
-                    action_dim=action_dim,
-                    expert_type=args.expert_type, residual_scale=eval_envs.residual_scale,
-                    args=asdict(args), versions=util.versions())
-        # everything a resumed run needs to go on as this one would (schedules are functions of the step counts)
-        resume = dict(iteration=iterations_done, global_step=iterations_done * batch_size,
-                      optimizer=optimizer.state_dict(), rng=util.rng_state(),
-                      env_rng=dict(train=envs.get_episode_rng(), eval=eval_envs.get_episode_rng()))
-        return util.save_run_checkpoint(run_dir, name, dict(model=agent.state_dict(), meta=meta, resume=resume),
-                                        args.keep_checkpoints)
+    def save(name: str, iteration: int) -> str:
+        return util.save_training_checkpoint(output, name, iteration, batch_size, agent, optimizer, envs, eval_envs,
+                                             meta, args.keep_checkpoints)
 
     def evaluate(global_step: int) -> dict:
-        obs, _ = eval_envs.reset()
-        episodes, frames = util.EpisodeMetrics(), []
-        for _ in range(num_eval_steps):
-            with torch.no_grad():
-                action = agent_inference.get_action(to_device(obs, device))
-            obs, _, _, _, info = eval_envs.step(action)
-            if video_dir:
-                frames.append(eval_envs.render())
-            episodes.add(info)
-        if frames:
-            util.save_video(frames, os.path.join(video_dir, f"eval_{global_step}.mp4"))
-        return episodes.means()
-
-    def eval_line(metrics: dict, global_step: int) -> str:
-        return f"eval @ {global_step} steps: " + " ".join(
-            f"{k}={metrics[k]:.3f}" for k in ("success_once", "success_at_end", "return") if k in metrics)
+        return util.evaluate(eval_envs, lambda obs: agent_inference.get_action(to_device(obs, device)),
+                             args.num_eval_steps or eval_envs.max_episode_steps, output.video_path(global_step))
 
     if args.evaluate:
         metrics = evaluate(0)
-        print(eval_line(metrics, 0))
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(dict(checkpoint=args.checkpoint, eval=metrics), f, indent=2)
+        print(util.eval_line(metrics, 0))
+        output.write_summary(dict(checkpoint=args.checkpoint, eval=metrics))
         eval_envs.close()
         return
 
     # ---- storage: one preallocated TensorDict, written in place step by step, so shapes never change ----
-    container = TensorDict(
-        obs=dict(rgb=torch.zeros(args.num_steps, args.num_envs, *rgb_shape, dtype=torch.uint8),
-                 state=torch.zeros(args.num_steps, args.num_envs, state_dim)),
-        actions=torch.zeros(args.num_steps, args.num_envs, action_dim),
-        logprobs=torch.zeros(args.num_steps, args.num_envs),
-        rewards=torch.zeros(args.num_steps, args.num_envs),
-        dones=torch.zeros(args.num_steps, args.num_envs),
-        vals=torch.zeros(args.num_steps, args.num_envs),
-        final_values=torch.zeros(args.num_steps, args.num_envs),
-        advantages=torch.zeros(args.num_steps, args.num_envs),
-        returns=torch.zeros(args.num_steps, args.num_envs),
-        residual_applied=torch.ones(args.num_steps, args.num_envs),  # progressive exploration's coin, as a float
-        batch_size=(args.num_steps, args.num_envs), device=device,
-    )
+    container = make_storage(args, rgb_shape, state_dim, action_dim, device)
     bytes_per_env_step = container.bytes() / (args.num_steps * args.num_envs)
     print(f"rollout storage: {container.bytes() / 2**20:.1f} MiB, {bytes_per_env_step:.0f} bytes per env step "
           f"(images {int(np.prod(rgb_shape))} as uint8, state {4 * state_dim})")
@@ -586,36 +588,15 @@ def main():
     next_obs = to_device(next_obs, device)
     next_done = torch.zeros(args.num_envs, device=device)
 
-    # ---- compile: trace every compiled function once now, at the run's shapes, so training time excludes it ----
+    policy, update = compile_and_capture(args, device, policy, get_value, advantage_fn, update, container, next_obs,
+                                         next_done, minibatch_size, step_enabled, (rollout_threads, update_threads),
+                                         timer)
     if args.compile:
-        # Dynamo specializes on the thread count, so each function is traced under the count it will run with.
-        timer.start("compile")
-        if rollout_threads:
-            torch.set_num_threads(rollout_threads)
-        with torch.no_grad():
-            if compile_policy:
-                policy(next_obs)
-            advantage_fn(get_value(next_obs).flatten(), next_done, container)
-        if update_threads:
-            torch.set_num_threads(update_threads)
-        # the warm-up update must leave no trace: with its step switched off, the weights and Adam's state stay
-        step_enabled.fill_(False)
-        update(container.view(-1)[:minibatch_size], tensordict_out=TensorDict())
-        timer.stop("compile")
         print(f"compiled {compiled_parts} in {timer.seconds['compile']:.1f} s")
-    if args.cudagraphs:
-        # the first warmup - 1 calls run eagerly (a compiled function may still recompile there), the next records
-        warmup = 3 if args.compile else 2
-        policy = CudaGraphModule(policy, warmup=warmup)
-        update = CudaGraphModule(update, warmup=warmup)
 
-    if resume is not None:  # ---- resume: counters, the envs' episodes and seed streams, then the random streams ----
-        iterations_done, global_step = resume["iteration"], resume["global_step"]
-        next_obs, _ = envs.reset_to_episode_rng(resume["env_rng"]["train"])
+    if resume is not None:  # ---- resume: counters, envs and seed streams, random streams ----
+        iterations_done, global_step, next_obs = util.restore_training(resume, args.checkpoint, envs, eval_envs)
         next_obs = to_device(next_obs, device)
-        eval_envs.reset_to_episode_rng(resume["env_rng"]["eval"])
-        util.set_rng_state(resume["rng"])  # after the resets and the compile warm-up, which may draw random numbers
-        print(f"resumed from {args.checkpoint} after iteration {iterations_done} ({global_step} steps)")
     steps_at_start = global_step
 
     progress = tqdm(total=num_iterations * batch_size, initial=global_step, unit="step", dynamic_ncols=True)
@@ -629,9 +610,8 @@ def main():
         if (iteration - 1) % args.eval_freq == 0 and not stop.requested:
             with timer("eval"):
                 last_eval = evaluate(global_step)
-            for k, v in last_eval.items():
-                writer.add_scalar(f"eval/{k}", v, global_step)
-            progress.write(eval_line(last_eval, global_step))
+            output.scalars({f"eval/{k}": v for k, v in last_eval.items()}, global_step)
+            progress.write(util.eval_line(last_eval, global_step))
 
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"].copy_((1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate)
@@ -644,7 +624,7 @@ def main():
             if stop.requested:  # a signal: drop this rollout; the last finished iteration is saved below
                 break
             if backend == "cpu":  # ManiSkill's CPU simulation raises on a nan action: check what the policy sees
-                util.check_finite(iteration, run_dir, observations=next_obs["state"])
+                util.check_finite(iteration, output.dir, observations=next_obs["state"])
             global_step += args.num_envs
             if args.cudagraphs:
                 # a new graph step before each stochastic call: otherwise the replayed sampling noise repeats
@@ -674,7 +654,7 @@ def main():
         if stop.requested:
             break
         # the images are uint8, always finite
-        util.check_finite(iteration, run_dir, observations=container["obs", "state"], rewards=container["rewards"])
+        util.check_finite(iteration, output.dir, observations=container["obs", "state"], rewards=container["rewards"])
         timer.stop("rollout")
 
         # ---- advantage (GAE) ----
@@ -698,7 +678,7 @@ def main():
                 break
         logs = torch.stack(update_logs)
         # nan or inf in any minibatch: checked once here, outside the graph
-        util.check_finite(iteration, run_dir, loss=torch.stack([logs["v_loss"], logs["pg_loss"]]),
+        util.check_finite(iteration, output.dir, loss=torch.stack([logs["v_loss"], logs["pg_loss"]]),
                           gradients=logs["grad_norm"])
 
         # ---- log ----
@@ -706,30 +686,28 @@ def main():
         sps = int((global_step - steps_at_start) / timer.training_seconds())
         if args.verbose:
             progress.write(f"iteration {iteration}: {timer.since_last_report()}")
-        for k, v in train_metrics.means().items():
-            writer.add_scalar(f"train/{k}", v, global_step)
         y_pred, y_true = container["vals"].flatten().cpu().numpy(), container["returns"].flatten().cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"].item(), global_step)
         last = logs[-1]
-        writer.add_scalar("losses/value_loss", last["v_loss"].item(), global_step)
-        writer.add_scalar("losses/policy_loss", last["pg_loss"].item(), global_step)
-        writer.add_scalar("losses/entropy", last["entropy_loss"].item(), global_step)
-        writer.add_scalar("losses/old_approx_kl", last["old_approx_kl"].item(), global_step)
-        writer.add_scalar("losses/approx_kl", last["approx_kl"].item(), global_step)
-        writer.add_scalar("losses/clipfrac", logs["clipfrac"].mean().item(), global_step)
-        writer.add_scalar("losses/grad_norm", logs["grad_norm"].mean().item(), global_step)
-        writer.add_scalar("losses/explained_variance", explained_var, global_step)
-        for k, v in action_stats.items():
-            writer.add_scalar(f"actions/{k}_abs_mean", float(v), global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("charts/residual_scale", envs.residual_scale, global_step)
-        writer.add_scalar("charts/residual_prob", envs.residual_prob, global_step)
-        writer.add_scalar("charts/worker_restarts", envs.env.worker_restarts, global_step)
-        for k, v in timer.seconds.items():
-            writer.add_scalar(f"time/{k}_seconds", v, global_step)
-        progress.update(batch_size)
+        output.scalars({
+            "charts/learning_rate": optimizer.param_groups[0]["lr"].item(),
+            "losses/value_loss": last["v_loss"].item(),
+            "losses/policy_loss": last["pg_loss"].item(),
+            "losses/entropy": last["entropy_loss"].item(),
+            "losses/old_approx_kl": last["old_approx_kl"].item(),
+            "losses/approx_kl": last["approx_kl"].item(),
+            "losses/clipfrac": logs["clipfrac"].mean().item(),
+            "losses/grad_norm": logs["grad_norm"].mean().item(),
+            "losses/explained_variance": explained_var,
+            "charts/SPS": sps,
+            "charts/residual_scale": envs.residual_scale,
+            "charts/residual_prob": envs.residual_prob,
+            "charts/worker_restarts": envs.env.worker_restarts,
+            **{f"train/{k}": v for k, v in train_metrics.means().items()},
+            **{f"actions/{k}_abs_mean": float(v) for k, v in action_stats.items()},
+            **{f"time/{k}_seconds": v for k, v in timer.seconds.items()},
+        }, global_step)
         progress.set_postfix(SPS=sps, eval_success=f"{last_eval.get('success_once', float('nan')):.2f}")
 
         # ---- checkpoint: the model the next eval scores, and what resuming needs ----
@@ -740,29 +718,23 @@ def main():
     progress.close()
     if stop.requested:  # ---- signal: checkpoint the last finished iteration, close envs and workers, exit ----
         latest = save(f"ckpt_{iterations_done}.pt", iterations_done) if args.save_model else None
-        writer.close()
-        envs.close()
-        eval_envs.close()
+        util.close_run(output, envs, eval_envs)
         stop.exit(f"resume with: python {SCRIPT} --resume --checkpoint {latest}" if latest else "nothing saved")
     if rollout_threads:
         torch.set_num_threads(rollout_threads)
     # ---- final eval and checkpoint ----
     schedule.apply(global_step, train=envs, evaluation=eval_envs)
     last_eval = evaluate(global_step)
-    for k, v in last_eval.items():
-        writer.add_scalar(f"eval/{k}", v, global_step)
-    print(eval_line(last_eval, global_step))
+    output.scalars({f"eval/{k}": v for k, v in last_eval.items()}, global_step)
+    print(util.eval_line(last_eval, global_step))
     if args.save_model:
         save("final_ckpt.pt", iterations_done)
-        print(f"saved {run_dir}/final_ckpt.pt")
+        print(f"saved {output.dir}/final_ckpt.pt")
     train_sps = (global_step - steps_at_start) / timer.training_seconds()
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(dict(global_step=global_step, train_sps=train_sps, seconds=timer.seconds,
-                       buffer_bytes_per_env_step=bytes_per_env_step, eval=last_eval,
-                       **util.peak_gpu_memory(device)), f, indent=2)
-    writer.close()
-    envs.close()
-    eval_envs.close()
+    output.write_summary(dict(global_step=global_step, train_sps=train_sps, seconds=timer.seconds,
+                              buffer_bytes_per_env_step=bytes_per_env_step, eval=last_eval,
+                              **util.peak_gpu_memory(device)))
+    util.close_run(output, envs, eval_envs)
 
 
 if __name__ == "__main__":

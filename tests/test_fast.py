@@ -192,7 +192,8 @@ def test_ppo_rgb_fast_compile_and_its_image_model_expert(ik_run):
     try:
         import ppo_rgb
 
-        expert = experts.make_expert("model", "PickCube-v1", env, model_path=ckpt)
+        # the image scripts hand their network to the model expert
+        expert = experts.make_expert("model", "PickCube-v1", env, model_path=ckpt, image_agent=ppo_rgb.Agent)
         obs, _ = env.reset(seed=3)
         ik = experts.IKExpert("PickCube-v1", "pd_ee_delta_pos")(obs)
         agent = ppo_rgb.Agent([36, 36, 3], payload["meta"]["state_dim"], payload["meta"]["action_dim"])

@@ -19,7 +19,8 @@ from .residual import (FUSIONS, SCALE_SCHEDULES, CriticWarmup, ExpertResidualWra
 from .run import (STOP_SIGNALS, Distributed, EpisodeMetrics, FatalError, GracefulStop, PhaseTimer, UsageError,
                   WorkerDied, check_checkpoint, check_finite, check_flags, check_resume, check_writable,
                   init_distributed, load_checkpoint, load_optimizer_state, peak_gpu_memory, resume_args, rng_state,
-                  run_cli, save_checkpoint, save_run_checkpoint, save_video, set_rng_state, step_where, versions)
+                  run_cli, save_checkpoint, save_run_checkpoint, save_video, set_rng_state, step_where, versions,
+                  RunOutput, close_run, eval_line, evaluate, restore_training, save_training_checkpoint, seed_everything)
 
 
 __all__ = ["NO_CUDA_VULKAN", "CpuVectorEnv", "NativeVectorEnv", "available_cores", "check_env_id", "cuda_renders",
@@ -29,4 +30,5 @@ __all__ = ["NO_CUDA_VULKAN", "CpuVectorEnv", "NativeVectorEnv", "available_cores
            "GracefulStop", "PhaseTimer", "UsageError", "WorkerDied", "check_checkpoint", "check_finite",
            "check_flags", "check_resume", "check_writable", "init_distributed", "load_checkpoint",
            "load_optimizer_state", "peak_gpu_memory", "resume_args", "rng_state", "run_cli", "save_checkpoint",
-           "save_run_checkpoint", "save_video", "set_rng_state", "step_where", "versions"]
+           "save_run_checkpoint", "save_video", "set_rng_state", "step_where", "versions", "RunOutput", "close_run", "eval_line",
+           "evaluate", "restore_training", "save_training_checkpoint", "seed_everything"]

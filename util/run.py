@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import math
 import os
 import random
@@ -509,3 +510,132 @@ def saveable_random_state(state: tuple) -> tuple:
 def random_state(saved: tuple) -> tuple:
     name, keys, pos, has_gauss, cached_gaussian = saved
     return name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian
+
+
+# ----------------------------------------------------------------------------------------------
+# A run's setup, outputs, evaluation and checkpoints, as every script does them
+# ----------------------------------------------------------------------------------------------
+def seed_everything(seed: int, torch_deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+    # nan and inf are caught once per iteration (check_finite) instead of by the distributions' argument checks,
+    # which raise a traceback and cost a host sync at every call
+    torch.distributions.Distribution.set_default_validate_args(False)
+
+
+class RunOutput:
+    """Where a run writes: its directory (a new one, or on --resume the checkpoint's own), tensorboard events, eval
+    videos and summary.json. ``writes`` False (torchrun ranks other than 0) writes nothing."""
+
+    def __init__(self, args, writes: bool, can_render: bool, header: str, resume_step: Optional[int] = None):
+        if args.resume:
+            self.dir = os.path.dirname(os.path.abspath(args.checkpoint))
+        else:
+            self.dir = os.path.join(args.output_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        # a GPU simulation without NVIDIA's Vulkan driver trains unrendered (util.render_backend said so)
+        self.video_dir = os.path.join(self.dir, "videos") if args.capture_video and can_render else None
+        self.writer = None
+        if not writes:
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=os.path.basename(self.dir), save_code=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        # on resume, hide what a crashed run logged after its checkpoint
+        self.writer = SummaryWriter(self.dir, purge_step=resume_step)
+        self.writer.add_text("hyperparameters",
+                             "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        print(header)
+        print(f"logs: {self.dir} (tensorboard --logdir {os.path.dirname(self.dir)})")
+        if args.save_model and not args.evaluate:
+            print(f"checkpoints: {self.dir}/latest.pt (the newest), ckpt_<iteration>.pt (the last "
+                  f"{args.keep_checkpoints}) and final_ckpt.pt")
+        if self.video_dir:
+            print(f"videos: {self.video_dir}")
+
+    def video_path(self, global_step: int) -> Optional[str]:
+        return os.path.join(self.video_dir, f"eval_{global_step}.mp4") if self.video_dir else None
+
+    def scalars(self, values: dict, global_step: int) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, global_step)
+
+    def write_summary(self, summary: dict) -> None:
+        with open(os.path.join(self.dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def evaluate(eval_envs, policy: Callable, num_steps: int, video_path: Optional[str] = None) -> dict:
+    """Step the eval envs ``num_steps`` times with ``policy`` (observation -> action) and return the mean episode
+    metrics of the episodes that ended (EpisodeMetrics); with ``video_path``, write the rendered frames there."""
+    obs, _ = eval_envs.reset()
+    episodes, frames = EpisodeMetrics(), []
+    for _ in range(num_steps):
+        with torch.no_grad():
+            obs, _, _, _, info = eval_envs.step(policy(obs))
+        if video_path:
+            frames.append(eval_envs.render())
+        episodes.add(info)
+    if frames:
+        save_video(frames, video_path)
+    return episodes.means()
+
+
+def eval_line(metrics: dict, global_step: int) -> str:
+    return f"eval @ {global_step} steps: " + " ".join(
+        f"{k}={metrics[k]:.3f}" for k in ("success_once", "success_at_end", "return") if k in metrics)
+
+
+def save_training_checkpoint(output: RunOutput, name: str, iteration: int, steps_per_iteration: int, agent, optimizer,
+                             envs, eval_envs, meta: dict, keep: int,
+                             distributed: Optional["Distributed"] = None) -> Optional[str]:
+    """Called by every rank at the same iteration: rank 0 writes, with every rank's envs and random streams,
+    everything a resumed run needs to go on as this one would (schedules are functions of the step counts).
+    Rank 0's streams sit where a single process keeps them, so either state script resumes the other's runs.
+    Returns the path of latest.pt on rank 0, None elsewhere."""
+    distributed = distributed or Distributed()
+    own = dict(rng=rng_state(), env_rng=dict(train=envs.get_episode_rng()))
+    ranks = distributed.gather(own)
+    if not distributed.is_main:
+        return None
+    resume = dict(iteration=iteration, global_step=iteration * steps_per_iteration, optimizer=optimizer.state_dict(),
+                  rng=own["rng"], env_rng=dict(train=own["env_rng"]["train"], eval=eval_envs.get_episode_rng()),
+                  other_ranks=ranks[1:])
+    meta = dict(meta, residual_scale=eval_envs.residual_scale, versions=versions())
+    return save_run_checkpoint(output.dir, name, dict(model=agent.state_dict(), meta=meta, resume=resume), keep)
+
+
+def restore_training(resume: dict, checkpoint_path: str, envs, eval_envs,
+                     distributed: Optional["Distributed"] = None) -> tuple[int, int, Any]:
+    """--resume: this rank's envs and seed streams, the eval envs', then this rank's random streams (after the
+    resets, which may draw expert noise). Returns (iterations done, global step, the first observation)."""
+    distributed = distributed or Distributed()
+    own = resume if distributed.is_main else resume["other_ranks"][distributed.rank - 1]
+    next_obs, _ = envs.reset_to_episode_rng(own["env_rng"]["train"])
+    if eval_envs is not None:
+        eval_envs.reset_to_episode_rng(resume["env_rng"]["eval"])
+    set_rng_state(own["rng"])
+    if distributed.is_main:
+        print(f"resumed from {checkpoint_path} after iteration {resume['iteration']} ({resume['global_step']} steps)")
+    return resume["iteration"], resume["global_step"], next_obs
+
+
+def close_run(output: RunOutput, envs, eval_envs, distributed: Optional["Distributed"] = None) -> None:
+    """Close the logs, the envs (and their workers) and the process group."""
+    output.close()
+    for env in (envs, eval_envs):
+        if env is not None:
+            env.close()
+    if distributed is not None:
+        distributed.close()
