@@ -164,8 +164,8 @@ class Agent(nn.Module):
             layer_init(nn.Linear(obs_dim, 256)), nn.Tanh(),
             layer_init(nn.Linear(256, 256)), nn.Tanh(),
             layer_init(nn.Linear(256, 256)), nn.Tanh(),
-            # a near-zero residual head: training starts at the expert's behaviour
-            layer_init(nn.Linear(256, action_dim), std=0.01 * np.sqrt(2)),
+            # the residual head starts at exactly zero: the first eval is the expert alone
+            layer_init(nn.Linear(256, action_dim), std=0.0),
         )
         self.actor_logstd = nn.Parameter(torch.ones(1, action_dim) * init_logstd)
 
@@ -430,7 +430,7 @@ def main():
     # ---- output: logs, checkpoints, videos (under torchrun, rank 0 alone writes) ----
     output = util.RunOutput(args, distributed.is_main, eval_envs is not None and eval_envs.can_render,
                             describe(args, backend, distributed, device, default_control_mode),
-                            resume["global_step"] if resume is not None else None)
+                            checkpoint)
     meta = dict(script=SCRIPT, network=NETWORK, env_id=args.env_id, obs_mode="state", control_mode=args.control_mode,
                 obs_dim=obs_dim, action_dim=action_dim, expert_type=args.expert_type, args=asdict(args))
 
@@ -488,8 +488,7 @@ def main():
         if distributed.is_main and (iteration - 1) % args.eval_freq == 0 and not stop.requested:
             with timer("eval"):
                 last_eval = evaluate(global_step)
-            output.scalars({f"eval/{k}": v for k, v in last_eval.items()}, global_step)
-            progress.write(util.eval_line(last_eval, global_step))
+            progress.write(output.log_eval(last_eval, global_step))
 
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
@@ -624,8 +623,7 @@ def main():
     schedule.apply(global_step, train=envs, evaluation=eval_envs)
     if distributed.is_main:
         last_eval = evaluate(global_step)
-        output.scalars({f"eval/{k}": v for k, v in last_eval.items()}, global_step)
-        print(util.eval_line(last_eval, global_step))
+        print(output.log_eval(last_eval, global_step))
     if args.save_model:
         save("final_ckpt.pt", iterations_done)
     if distributed.is_main:
@@ -636,7 +634,7 @@ def main():
                        **util.peak_gpu_memory(device))
         if distributed.enabled:
             summary.update(world_size=distributed.world_size, parameter_hashes=parameter_hashes)
-        output.write_summary(summary)
+        output.finish(summary)
     util.close_run(output, envs, eval_envs, distributed)
 
 

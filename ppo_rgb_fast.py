@@ -186,8 +186,8 @@ class Agent(nn.Module):
         self.critic = nn.Sequential(layer_init(nn.Linear(512, 512)), nn.ReLU(), layer_init(nn.Linear(512, 1)))
         self.actor_mean = nn.Sequential(
             layer_init(nn.Linear(512, 512)), nn.ReLU(),
-            # a near-zero residual head: training starts at the expert's behaviour
-            layer_init(nn.Linear(512, action_dim), std=0.01 * np.sqrt(2)),
+            # the residual head starts at exactly zero: the first eval is the expert alone
+            layer_init(nn.Linear(512, action_dim), std=0.0),
         )
         self.actor_logstd = nn.Parameter(torch.ones(1, action_dim) * init_logstd)
 
@@ -554,7 +554,7 @@ def main():
     # ---- output: logs, checkpoints, videos ----
     output = util.RunOutput(args, True, eval_envs.can_render,
                             describe(args, backend, device, default_control_mode),
-                            resume["global_step"] if resume is not None else None)
+                            checkpoint)
     meta = dict(script=SCRIPT, network=NETWORK, env_id=args.env_id, obs_mode="rgb", control_mode=args.control_mode,
                 rgb_shape=rgb_shape, state_dim=state_dim, action_dim=action_dim, expert_type=args.expert_type,
                 args=asdict(args))
@@ -610,8 +610,7 @@ def main():
         if (iteration - 1) % args.eval_freq == 0 and not stop.requested:
             with timer("eval"):
                 last_eval = evaluate(global_step)
-            output.scalars({f"eval/{k}": v for k, v in last_eval.items()}, global_step)
-            progress.write(util.eval_line(last_eval, global_step))
+            progress.write(output.log_eval(last_eval, global_step))
 
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"].copy_((1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate)
@@ -725,13 +724,12 @@ def main():
     # ---- final eval and checkpoint ----
     schedule.apply(global_step, train=envs, evaluation=eval_envs)
     last_eval = evaluate(global_step)
-    output.scalars({f"eval/{k}": v for k, v in last_eval.items()}, global_step)
-    print(util.eval_line(last_eval, global_step))
+    print(output.log_eval(last_eval, global_step))
     if args.save_model:
         save("final_ckpt.pt", iterations_done)
         print(f"saved {output.dir}/final_ckpt.pt")
     train_sps = (global_step - steps_at_start) / timer.training_seconds()
-    output.write_summary(dict(global_step=global_step, train_sps=train_sps, seconds=timer.seconds,
+    output.finish(dict(global_step=global_step, train_sps=train_sps, seconds=timer.seconds,
                               buffer_bytes_per_env_step=bytes_per_env_step, eval=last_eval,
                               **util.peak_gpu_memory(device)))
     util.close_run(output, envs, eval_envs)

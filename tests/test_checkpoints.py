@@ -123,3 +123,35 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused_unexecuted(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "WARNING" not in line]
     assert len(lines) == 1 and "evil.pt' cannot be loaded" in lines[0], proc.stderr
     assert not marker.exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_run_reports_its_expert_alone_and_where_it_ended(script, ik_run):
+    """The residual head starts at exactly zero, so the first eval is the expert alone: it is labelled so, and the
+    last line and summary.json carry that figure beside the final eval's."""
+    import importlib
+
+    agent_cls = importlib.import_module(script[:-3]).Agent
+    agent = agent_cls([36, 36, 3], 33, 4, -0.5) if "rgb" in script else agent_cls(33, 4, -0.5)
+    obs = dict(rgb=torch.randint(0, 255, (5, 36, 36, 3), dtype=torch.uint8), state=torch.randn(5, 33)) \
+        if "rgb" in script else torch.randn(5, 33)
+    assert torch.equal(agent.get_action(obs), torch.zeros(5, 4))
+
+    run_dir, proc = ik_run(script)
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    first, final = summary["expert_alone"]["success_once"], summary["eval"]["success_once"]
+    assert "eval @ 0 steps: success_once=" in proc.stdout
+    assert proc.stdout.count("(the expert alone: the residual head starts at zero)") == 1
+    last_line = proc.stdout.strip().splitlines()[-1]
+    assert last_line.startswith(f"PickCube-v1: expert alone {first:.2f} -> with residual {final:.2f} success_once "
+                                f"({summary['global_step']} env steps, "), last_line
+    meta = torch.load(os.path.join(run_dir, "final_ckpt.pt"), weights_only=True)["meta"]
+    assert meta["expert_alone"] == summary["expert_alone"], "a resumed run reports the same starting point"
+
+
+def test_a_run_without_an_expert_reports_its_final_eval_alone(trained):
+    run_dir, proc = trained  # the zero expert
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert summary["expert_alone"] is None and "expert alone" not in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"PickCube-v1: {summary['eval']['success_once']:.2f} "
+                                                           f"success_once (")

@@ -525,11 +525,27 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
     torch.distributions.Distribution.set_default_validate_args(False)
 
 
+def _count(n: int) -> str:
+    """300000 -> 300k, 1000000 -> 1M, 400 -> 400"""
+    for unit, size in (("M", 1_000_000), ("k", 1000)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
 class RunOutput:
     """Where a run writes: its directory (a new one, or on --resume the checkpoint's own), tensorboard events, eval
     videos and summary.json. ``writes`` False (torchrun ranks other than 0) writes nothing."""
 
-    def __init__(self, args, writes: bool, can_render: bool, header: str, resume_step: Optional[int] = None):
+    def __init__(self, args, writes: bool, can_render: bool, header: str, checkpoint: Optional[dict] = None):
+        self.env_id, self.started = args.env_id, time.time()
+        # a fresh run's first eval is its experts alone (the residual head starts at zero); a resumed run carries
+        # that figure on in its checkpoints, so its summary still says where training started
+        self.first_eval_is_expert = args.checkpoint is None and any(
+            t.strip() != "zero" for t in args.expert_type.split(","))
+        self.expert_alone = checkpoint["meta"].get("expert_alone") if args.resume else None
+        resume_step = checkpoint["resume"]["global_step"] if args.resume else None
+        self.last_eval: dict = {}
         if args.resume:
             self.dir = os.path.dirname(os.path.abspath(args.checkpoint))
         else:
@@ -566,6 +582,31 @@ class RunOutput:
         if self.writer is not None:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, global_step)
+
+    def log_eval(self, metrics: dict, global_step: int) -> str:
+        """Log an eval's metrics and return its line; the first eval of a fresh run over an expert is labelled as
+        that expert alone and remembered."""
+        self.scalars({f"eval/{k}": v for k, v in metrics.items()}, global_step)
+        self.last_eval = metrics
+        if global_step == 0 and self.first_eval_is_expert:
+            self.expert_alone = metrics
+            return eval_line(metrics, global_step) + " (the expert alone: the residual head starts at zero)"
+        return eval_line(metrics, global_step)
+
+    def finish(self, summary: dict) -> None:
+        """Print where training started and where it ended, add the same figures to ``summary`` and write it."""
+        metric = "success_once" if "success_once" in self.last_eval else "return"
+        minutes = (time.time() - self.started) / 60
+        ended = self.last_eval.get(metric, float("nan"))
+        scope = f"{metric} ({_count(summary['global_step'])} env steps, " + \
+            (f"{minutes:.0f} min)" if minutes >= 1 else f"{minutes * 60:.0f} s)")
+        if self.expert_alone is not None:
+            started = self.expert_alone.get(metric, float("nan"))
+            print(f"{self.env_id}: expert alone {started:.2f} -> with residual {ended:.2f} {scope}")
+        else:
+            print(f"{self.env_id}: {ended:.2f} {scope}")
+        summary = dict(summary, metric=metric, expert_alone=self.expert_alone, wall_minutes=minutes)
+        self.write_summary(summary)
 
     def write_summary(self, summary: dict) -> None:
         with open(os.path.join(self.dir, "summary.json"), "w") as f:
@@ -612,7 +653,7 @@ def save_training_checkpoint(output: RunOutput, name: str, iteration: int, steps
     resume = dict(iteration=iteration, global_step=iteration * steps_per_iteration, optimizer=optimizer.state_dict(),
                   rng=own["rng"], env_rng=dict(train=own["env_rng"]["train"], eval=eval_envs.get_episode_rng()),
                   other_ranks=ranks[1:])
-    meta = dict(meta, residual_scale=eval_envs.residual_scale, versions=versions())
+    meta = dict(meta, residual_scale=eval_envs.residual_scale, expert_alone=output.expert_alone, versions=versions())
     return save_run_checkpoint(output.dir, name, dict(model=agent.state_dict(), meta=meta, resume=resume), keep)
 
 
