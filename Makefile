@@ -11,7 +11,7 @@ STAMP := $(VENV)/.requirements-installed
 TRAIN_ARGS ?= --env-id PickCube-v1 --expert-type ik --ik-gain 0.28 --residual-scale 0.5 --init-logstd -2 \
 	--critic-warmup-iters 2 --residual-warmup-steps 50000 --num-minibatches 4 --num-eval-envs 32
 TRAIN_GPU_ARGS ?= --sim-backend gpu --num-envs 1024 --num-steps 50 --eval-freq 10 --total-timesteps 3000000
-TRAIN_CPU_ARGS ?= --sim-backend cpu --num-steps 200 --eval-freq 6 --total-timesteps 300000
+TRAIN_CPU_ARGS ?= --sim-backend cpu --num-steps 200 --eval-freq 6 --total-timesteps 300000 --no-capture-video
 
 .PHONY: setup train test bench bench-learning gpu-check clean
 
