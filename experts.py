@@ -22,6 +22,8 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+from mani_skill.utils.geometry.rotation_conversions import (axis_angle_to_matrix, matrix_to_axis_angle,
+                                                             matrix_to_quaternion, quaternion_to_matrix)
 
 from util import (UsageError, check_checkpoint, check_fusion, compose_action, flat_state, image_policy_obs,
                   load_checkpoint, with_expert_action)
@@ -54,13 +56,34 @@ class ZeroExpert:
 
 
 # ----------------------------------------------------------------------------------------------
-# IK expert: task plans give a TCP displacement and a gripper command; the output stage maps them
-# to the control mode.
+# IK expert: task plans give a TCP motion (a displacement and a rotation, in the world frame) and a
+# gripper command; the output stage maps them to the control mode.
 # ----------------------------------------------------------------------------------------------
 CUBE_HALF = 0.02  # half the edge of the cubes in the supported tasks (m)
 HOVER = 0.05  # clearance above an object before descending onto it (m)
 ALIGN_TOL = 0.01  # xy distance under which the gripper counts as above its target (m)
+TURN_TOL = 0.1  # rotation (rad) under which the gripper counts as turned to its target
 OPEN, CLOSED = 1.0, -1.0
+DOWN = (0.0, 0.0, -1.0)
+
+
+def _pose(raw_pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ManiSkill's raw pose [N, 7] (position, quaternion wxyz) -> (position [N, 3], rotation matrix [N, 3, 3])."""
+    return raw_pose[:, :3], quaternion_to_matrix(raw_pose[:, 3:7])
+
+
+def _rotation_between(current: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The world-frame rotation vector (axis * angle) that turns rotation ``current`` into ``target``."""
+    return matrix_to_axis_angle(target @ current.transpose(1, 2))
+
+
+def _frame(y_axis: torch.Tensor, z_axis: torch.Tensor) -> torch.Tensor:
+    """The rotation whose y and z axes are the given orthogonal unit vectors."""
+    return torch.stack([torch.linalg.cross(y_axis, z_axis), y_axis, z_axis], dim=2)
+
+
+def _no_turn(tcp: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(tcp)
 
 
 def _lift_then_move(tcp: torch.Tensor, dest: torch.Tensor, safe_z: torch.Tensor) -> torch.Tensor:
@@ -81,7 +104,7 @@ def _finger_width(obs: dict) -> torch.Tensor:
     return obs["agent"]["qpos"][:, 7:9].sum(dim=1)
 
 
-def _pick_and_place(obs: dict, tcp, obj, place, grasped) -> tuple[torch.Tensor, torch.Tensor]:
+def _pick_and_place(obs: dict, tcp, obj, place, grasped):
     """Hover over the object, descend, close; once grasped, move the object to ``place``."""
     at_obj = (torch.linalg.norm(obj - tcp, dim=1) < ALIGN_TOL)
     missed = ~grasped & (_finger_width(obs) < 0.01)  # closed on nothing: open and try again
@@ -90,7 +113,7 @@ def _pick_and_place(obs: dict, tcp, obj, place, grasped) -> tuple[torch.Tensor, 
     dest = torch.where(grasped[:, None], carry, approach)
     gripper = torch.where(grasped | (at_obj & ~missed), CLOSED, OPEN)
     dest = torch.where(missed[:, None], torch.cat([tcp[:, :2], tcp[:, 2:] + HOVER], dim=1), dest)
-    return dest - tcp, gripper
+    return dest - tcp, _no_turn(tcp), gripper
 
 
 def _plan_pick_cube(obs: dict):
@@ -110,10 +133,10 @@ def _plan_stack_cube(obs: dict):
     above = on_top + torch.tensor([0.0, 0.0, HOVER], device=tcp.device)
     aligned = torch.linalg.norm(cube_a[:, :2] - cube_b[:, :2], dim=1) < 0.005
     place = torch.where(aligned[:, None], on_top, above)  # carry high, then lower straight down
-    delta, gripper = _pick_and_place(obs, tcp, cube_a, place, grasped)
+    delta, turn, gripper = _pick_and_place(obs, tcp, cube_a, place, grasped)
     placed = aligned & ((cube_a[:, 2] - on_top[:, 2]).abs() < 0.005)
     # on top: let go and hold still
-    return torch.where(placed[:, None], torch.zeros_like(delta), delta), torch.where(placed, OPEN, gripper)
+    return torch.where(placed[:, None], torch.zeros_like(delta), delta), turn, torch.where(placed, OPEN, gripper)
 
 
 def _push_towards_goal(obs: dict, toward: float):
@@ -129,7 +152,133 @@ def _push_towards_goal(obs: dict, toward: float):
     approach = _lift_then_move(tcp, contact, obj[:, 2] + 2 * CUBE_HALF + HOVER)
     dest = torch.where(pushing[:, None], push, approach)
     gripper = torch.full_like(tcp[:, 0], CLOSED)
-    return dest - tcp, gripper
+    return dest - tcp, _no_turn(tcp), gripper
+
+
+def _top_down_grasp(obs: dict, tcp_p, tcp_r, point, closing, grasped, across):
+    """Turn the gripper to point down with its fingers closing along ``closing`` (horizontal), hover over
+    ``point``, descend onto it and close on an object ``across`` wide. Returns (displacement, rotation,
+    gripper)."""
+    down = torch.tensor(DOWN, device=tcp_p.device).expand_as(tcp_p)
+    # the gripper is symmetric under half a turn about its axis: take the closing direction nearer its own
+    closing = torch.where(((closing * tcp_r[:, :, 1]).sum(1) < 0)[:, None], -closing, closing)
+    target_r = _frame(closing, down)
+    turn = _rotation_between(tcp_r, target_r)
+    turned = torch.linalg.norm(turn, dim=1) < TURN_TOL
+    approach = _lift_then_move(tcp_p, point, point[:, 2] + HOVER)
+    # descend only once turned: the fingers would strike the object on the way down
+    dest = torch.where((turned | (tcp_p[:, 2] > point[:, 2] + HOVER - ALIGN_TOL))[:, None], approach,
+                       torch.cat([tcp_p[:, :2], point[:, 2:] + HOVER], dim=1))
+    at_point = (torch.linalg.norm(point - tcp_p, dim=1) < ALIGN_TOL) & turned
+    width = _finger_width(obs)
+    missed = ~grasped & (width < across - 0.005)  # closed on nothing: open and rise
+    dest = torch.where(missed[:, None], torch.cat([tcp_p[:, :2], tcp_p[:, 2:] + HOVER], dim=1), dest)
+    closing_now = at_point & ~missed
+    gripper = torch.where(closing_now, CLOSED, OPEN)
+    return dest - tcp_p, turn, gripper
+
+
+def _holding(obs: dict, tcp_p, obj_p, axis, half_length, across) -> torch.Tensor:
+    """Whether the fingers are closed on a bar: the TCP on its axis, within its length, fingers about
+    ``across`` apart."""
+    offset = tcp_p - obj_p
+    along = (offset * axis).sum(1)
+    off_axis = torch.linalg.norm(offset - along[:, None] * axis, dim=1)
+    width = _finger_width(obs)
+    return (off_axis < 0.02) & (along.abs() < half_length) & (width > across - 0.01) & (width < across + 0.005)
+
+
+def _move_held(tcp_p, tcp_r, obj_p, obj_r, target_p, target_r):
+    """The TCP motion that brings a held object to (target_p, target_r), given how it sits in the gripper now."""
+    grip_r = obj_r.transpose(1, 2) @ tcp_r  # the TCP in the object's frame, measured at every step
+    grip_p = (obj_r.transpose(1, 2) @ (tcp_p - obj_p)[:, :, None])[:, :, 0]
+    want_r = target_r @ grip_r
+    want_p = target_p + (target_r @ grip_p[:, :, None])[:, :, 0]
+    return want_p - tcp_p, _rotation_between(tcp_r, want_r)
+
+
+PEG_ENTRY = 0.01  # the head waits this far before the hole's mouth until the peg is aligned (m)
+PEG_OVERSHOOT = 3.0  # sideways correction near the hole's axis, in units of the error
+PEG_PUSH_STEP = 0.02  # insertion depth per step (m)
+PEG_ALIGN_TOL = 0.003  # head and tail within this of the hole's axis before the peg goes in (m)
+
+
+def _plan_peg_insertion(obs: dict):
+    """PegInsertionSide: grasp the peg near its tail from above, carry it to face the hole with the head a
+    centimetre before the mouth, align head and tail with the hole's axis, then push it in along the axis.
+    The hole leaves 3 mm of clearance, so the alignment is the step a script gets wrong."""
+    extra = obs["extra"]
+    tcp_p, tcp_r = _pose(extra["tcp_pose"])
+    peg_p, peg_r = _pose(extra["peg_pose"])
+    hole_p, hole_r = _pose(extra["box_hole_pose"])
+    length, radius = extra["peg_half_size"][:, 0], extra["peg_half_size"][:, 1]
+    peg_x = peg_r[:, :, 0]
+    grasped = _holding(obs, tcp_p, peg_p, peg_x, length, 2 * radius)
+    # grasp towards the tail, leaving the head's half free to enter the hole
+    tail_offset = torch.clamp(length / 2 + 0.01, min=0.05)
+    grasp_point = peg_p - tail_offset[:, None] * peg_x
+    grasp = _top_down_grasp(obs, tcp_p, tcp_r, grasp_point, peg_r[:, :, 1], grasped, 2 * radius)
+
+    # the head's place in the hole's frame decides between lining up and pushing in
+    hole_x = hole_r[:, :, 0]
+    head = peg_p + length[:, None] * peg_x
+    tail = peg_p - length[:, None] * peg_x
+    in_hole = lambda point: (hole_r.transpose(1, 2) @ (point - hole_p)[:, :, None])[:, :, 0]
+    head_h, tail_h = in_hole(head), in_hole(tail)
+    off_axis = torch.maximum(torch.linalg.norm(head_h[:, 1:], dim=1), torch.linalg.norm(tail_h[:, 1:], dim=1))
+    entering = head_h[:, 0] > -length - PEG_ENTRY / 2  # already at or past the mouth
+    push = (off_axis < PEG_ALIGN_TOL) | entering
+    # push in a little at a time, so the peg stays square to the hole
+    head_depth = torch.where(push, torch.clamp(head_h[:, 0] + PEG_PUSH_STEP, max=0.0), -length - PEG_ENTRY)
+    target_p = hole_p + (head_depth - length)[:, None] * hole_x
+    move, turn = _move_held(tcp_p, tcp_r, peg_p, peg_r, target_p, hole_r)
+    # the arm's controller settles a few millimetres short of a small command (it tracks the commanded pose
+    # with a spring): near the axis, ask for more than the sideways error, so the settled pose meets it
+    axial = (move * hole_x).sum(1, keepdim=True) * hole_x
+    sideways = move - axial
+    near = (torch.linalg.norm(sideways, dim=1, keepdim=True) < 0.005)
+    move = axial + torch.where(near, PEG_OVERSHOOT * sideways, sideways)
+    displacement = torch.where(grasped[:, None], move, grasp[0])
+    rotation = torch.where(grasped[:, None], turn, grasp[1])
+    gripper = torch.where(grasped, CLOSED, grasp[2])
+    return displacement, rotation, gripper
+
+
+LIFT_PEG_GRIP = 0.1  # LiftPegUpright: grasp this far from the peg's centre, near one end (m)
+
+
+def _plan_lift_peg_upright(obs: dict):
+    """LiftPegUpright: grasp the lying peg from above near its end farther from the robot, lift it while
+    turning the gripper a quarter turn about the fingers' closing axis (so the gripper ends pointing away
+    from the robot and the peg hangs straight down from it), then lower it onto its end."""
+    extra = obs["extra"]
+    tcp_p, tcp_r = _pose(extra["tcp_pose"])
+    peg_p, peg_r = _pose(extra["obj_pose"])
+    half_length, half_width = 0.12, 0.025  # LiftPegUpright-v1's fixed peg
+    peg_x = peg_r[:, :, 0]
+    up = torch.tensor([0.0, 0.0, 1.0], device=tcp_p.device).expand_as(tcp_p)
+    grasped = _holding(obs, tcp_p, peg_p, peg_x, half_length, 2 * half_width)
+    # grip the end with the larger x (the robot stands at -x); the other end will hang down
+    grip_side = torch.where(peg_x[:, :1] >= 0, 1.0, -1.0)
+    # the peg lies flat at the start: the horizontal normal to its axis is the closing direction
+    closing = torch.nn.functional.normalize(torch.linalg.cross(up, peg_x), dim=1)
+    grasp = _top_down_grasp(obs, tcp_p, tcp_r, peg_p + LIFT_PEG_GRIP * grip_side * peg_x, closing, grasped,
+                            2 * half_width)
+    # held: turn the hanging end (-grip_side * peg_x) to point straight down
+    hanging = -grip_side * peg_x
+    axis = torch.nn.functional.normalize(torch.linalg.cross(hanging, -up), dim=1)
+    angle = torch.acos(torch.clamp((hanging * -up).sum(1), -1.0, 1.0))
+    upright_r = axis_angle_to_matrix(axis * angle[:, None]) @ peg_r
+    # turn high above the table, then lower the peg onto its end (pressing a little: the table stops it);
+    # below the gripper, so that turning does not carry it sideways
+    upright = angle < 0.1
+    target_z = torch.where(upright, torch.full_like(angle, half_length - 0.005), torch.full_like(angle, 0.2))
+    target_p = torch.cat([tcp_p[:, :2], target_z[:, None]], dim=1)
+    move, turn = _move_held(tcp_p, tcp_r, peg_p, peg_r, target_p, upright_r)
+    displacement = torch.where(grasped[:, None], move, grasp[0])
+    rotation = torch.where(grasped[:, None], turn, grasp[1])
+    gripper = torch.where(grasped, CLOSED, grasp[2])
+    return displacement, rotation, gripper
 
 
 TASK_PLANS = {
@@ -137,19 +286,37 @@ TASK_PLANS = {
     "StackCube-v1": _plan_stack_cube,
     "PushCube-v1": lambda obs: _push_towards_goal(obs, +1.0),
     "PullCube-v1": lambda obs: _push_towards_goal(obs, -1.0),
+    "PegInsertionSide-v1": _plan_peg_insertion,
+    "LiftPegUpright-v1": _plan_lift_peg_upright,
 }
+# what each plan aims at, which a calibration error displaces (the peg's own pose, where the goal is implicit)
+TASK_TARGETS = {"PickCube-v1": "goal_pos", "StackCube-v1": "cubeB_pose", "PushCube-v1": "goal_pos",
+                "PullCube-v1": "goal_pos", "PegInsertionSide-v1": "box_hole_pose", "LiftPegUpright-v1": "obj_pose"}
+# plans that turn the gripper need a control mode that can
+TURNING_PLANS = ("PegInsertionSide-v1", "LiftPegUpright-v1")
 IK_CONTROL_MODES = ("pd_ee_delta_pos", "pd_ee_delta_pose", "pd_joint_delta_pos")
-IK_DEFAULT_CONTROL_MODE = "pd_ee_delta_pos"
 EE_STEP = 0.1  # metres per step at action 1 in the Panda's pd_ee_delta_* controllers
+EE_TURN = 0.1  # radians per step at rotation action 1 in its pd_ee_delta_pose controller
 JOINT_STEP = 0.1  # radians per step at action 1 in its pd_joint_delta_pos controller
 
 
+def ik_control_modes(env_id: str) -> tuple[str, ...]:
+    """The control modes the IK expert acts in for ``env_id``, its default first."""
+    if env_id == "LiftPegUpright-v1":
+        # the quarter turn runs the Panda's wrist into its joint limit through DifferentialIK, which knows no
+        # limits; ManiSkill's pose controller finds another arm configuration
+        return ("pd_ee_delta_pose",)
+    if env_id in TURNING_PLANS:
+        return ("pd_ee_delta_pose", "pd_joint_delta_pos")
+    return IK_CONTROL_MODES
+
+
 class DifferentialIK:
-    """Batched damped-least-squares IK for the Panda: a TCP displacement -> arm joint displacements.
+    """Batched damped-least-squares IK for the Panda: a TCP motion (displacement, rotation vector) -> arm
+    joint displacements, through the 6-row Jacobian (so the orientation follows the command too).
 
     The Jacobian comes from pytorch_kinematics (a ManiSkill dependency) on the Panda URDF that ManiSkill
-    ships. The tasks place the robot base without rotation, so base-frame and world-frame displacements
-    agree.
+    ships. The tasks place the robot base without rotation, so base-frame and world-frame motions agree.
     """
 
     def __init__(self, device: torch.device, damping: float = 0.05):
@@ -161,48 +328,89 @@ class DifferentialIK:
         self.chain = self.chain.to(device=device)
         self.damping = damping
 
-    def __call__(self, qpos: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
-        jac = self.chain.jacobian(qpos[:, :7])[:, :3]  # positional rows, [N, 3, 7]
-        jjt = jac @ jac.transpose(1, 2) + self.damping ** 2 * torch.eye(3, device=qpos.device)
+    def __call__(self, qpos: torch.Tensor, displacement: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        jac = self.chain.jacobian(qpos[:, :7])  # [N, 6, 7]: linear rows, then angular
+        twist = torch.cat([displacement, rotation], dim=1)
+        jjt = jac @ jac.transpose(1, 2) + self.damping ** 2 * torch.eye(6, device=qpos.device)
         # solve_ex: solve's error check would make every call wait for the GPU; damping keeps jjt invertible
-        step = torch.linalg.solve_ex(jjt, displacement[:, :, None])[0]
+        step = torch.linalg.solve_ex(jjt, twist[:, :, None])[0]
         return (jac.transpose(1, 2) @ step)[:, :, 0]
 
 
-class IKExpert:
-    """A scripted, stateless Cartesian controller for PickCube, PushCube, PullCube and StackCube.
+class CalibrationError:
+    """A fixed error in where the expert perceives its task's target (TASK_TARGETS: the goal, the cube to
+    stack on, the hole), as a miscalibrated pose estimate of it would give: its position shifted by
+    ``millimetres`` and its orientation turned by ``degrees`` about its own origin. The directions of the
+    shift and of the rotation's axis are drawn once from ``seed``. Errors shared by every object would not
+    do: the plans move objects relative to each other, and such errors cancel in a closed loop."""
 
-    Each step it derives the task phase from the privileged state (approach, grasp, carry or push,
-    release) and commands the TCP displacement ``gain * error``, where ``error`` is the distance to the
-    phase's waypoint. Gain 1.0 asks for the whole error in one control step (the controllers cap a step
-    at 10 cm); lower gains approach more slowly. Every branch is batched torch, on the obs' device.
+    def __init__(self, millimetres: float, degrees: float, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        shift_dir, axis = (torch.nn.functional.normalize(torch.randn(3, generator=g), dim=0) for _ in range(2))
+        self.shift = shift_dir * millimetres / 1000
+        self.rotation = axis_angle_to_matrix(axis * degrees * torch.pi / 180)
+
+    def __call__(self, target: torch.Tensor) -> torch.Tensor:
+        """A target's position [N, 3] or pose [N, 7] -> where the expert perceives it."""
+        p = target[:, :3] + self.shift.to(target.device)
+        if target.shape[1] == 3:
+            return p
+        q = matrix_to_quaternion(self.rotation.to(target.device) @ quaternion_to_matrix(target[:, 3:7]))
+        return torch.cat([p, q], dim=1)
+
+
+def calibration(args) -> Optional[CalibrationError]:
+    """The IK expert's calibration error of a run's flags (its Args, or a checkpoint's dict of them)."""
+    get = args.get if isinstance(args, dict) else lambda name, default: getattr(args, name, default)
+    millimetres, degrees = get("ik_calibration_mm", 0.0), get("ik_calibration_deg", 0.0)
+    if millimetres == 0 and degrees == 0:
+        return None
+    return CalibrationError(millimetres, degrees, get("ik_calibration_seed", 0))
+
+
+class IKExpert:
+    """A scripted, stateless controller for the tasks of TASK_PLANS.
+
+    Each step it derives the task phase from the privileged state (approach, grasp, carry, align, insert,
+    release) and commands the TCP motion ``gain * error``, where ``error`` is the displacement and rotation
+    to the phase's target pose. Gain 1.0 asks for the whole error in one control step (the controllers cap
+    a step at 10 cm and 0.1 rad); lower gains approach more slowly. ``calibration`` (a CalibrationError)
+    makes it perceive its target where it is not. Every branch is batched torch, on the obs' device.
     """
 
-    def __init__(self, env_id: str, control_mode: str, gain: float = 1.0):
+    def __init__(self, env_id: str, control_mode: str, gain: float = 1.0,
+                 calibration: Optional[CalibrationError] = None):
         if env_id not in TASK_PLANS:
             raise ValueError(f"the IK expert has no plan for {env_id}; supported: {', '.join(TASK_PLANS)}")
-        if control_mode not in IK_CONTROL_MODES:
-            raise ValueError(f"the IK expert cannot act in control mode {control_mode}; "
-                             f"supported: {', '.join(IK_CONTROL_MODES)}")
+        if control_mode not in ik_control_modes(env_id):
+            raise ValueError(f"the IK expert cannot act on {env_id} in control mode {control_mode}; "
+                             f"supported: {', '.join(ik_control_modes(env_id))}")
         if not gain > 0:
             raise ValueError(f"the IK gain must be > 0, got {gain}")
-        self.plan, self.control_mode, self.gain = TASK_PLANS[env_id], control_mode, gain
+        self.plan, self.control_mode, self.gain, self.calibration = TASK_PLANS[env_id], control_mode, gain, calibration
+        self.env_id = env_id
         self.ik: Optional[DifferentialIK] = None
 
     def __call__(self, obs: dict) -> torch.Tensor:
-        displacement, gripper = self.plan(obs)
-        displacement = self.gain * displacement
+        if self.calibration is not None:
+            target = TASK_TARGETS[self.env_id]
+            obs = dict(obs, extra=dict(obs["extra"], **{target: self.calibration(obs["extra"][target])}))
+        displacement, rotation, gripper = self.plan(obs)
+        displacement, rotation = self.gain * displacement, self.gain * rotation
         if self.control_mode == "pd_joint_delta_pos":
             if self.ik is None:
                 self.ik = DifferentialIK(displacement.device)
-            dq = self.ik(obs["agent"]["qpos"], displacement) / JOINT_STEP
+            dq = self.ik(obs["agent"]["qpos"], displacement, rotation) / JOINT_STEP
             # scale the whole vector (not per joint) so the direction survives the action bounds
             arm = dq / dq.abs().amax(dim=1, keepdim=True).clamp(min=1.0)
         else:
             move = displacement / EE_STEP
             arm = move / torch.linalg.norm(move, dim=1, keepdim=True).clamp(min=1.0)
             if self.control_mode == "pd_ee_delta_pose":
-                arm = torch.cat([arm, torch.zeros_like(arm)], dim=1)  # keep the orientation
+                # the Panda's controller scales rotation actions by its lower bound, -0.1 rad, and
+                # composes them as XYZ Euler angles, which for steps of 0.1 rad are the rotation vector
+                turn = -rotation / EE_TURN
+                arm = torch.cat([arm, turn / torch.linalg.norm(turn, dim=1, keepdim=True).clamp(min=1.0)], dim=1)
         return torch.cat([arm, gripper[:, None]], dim=1)
 
 
@@ -254,7 +462,7 @@ class ModelExpert:
                              f"model expert rebuilds mlp-state and cnn-rgb-state")
         train_args = meta["args"]
         self.inner = make_experts(train_args["expert_type"], env_id, env, ik_gain=train_args.get("ik_gain", 1.0),
-                                  model_path=train_args.get("model_path"), expert_fn=train_args.get("expert_fn"),
+                                  ik_calibration=calibration(train_args), model_path=train_args.get("model_path"), expert_fn=train_args.get("expert_fn"),
                                   image_agent=image_agent)
         self.fusion = train_args.get("fusion", "mean")
         action_dim = int(env.single_action_space.shape[0])
@@ -321,9 +529,12 @@ def expert_types(expert_type: str) -> list[str]:
     return types
 
 
-def default_control_mode(expert_type: str) -> str:
-    """The control mode a run uses when --control-mode is not given: the IK expert's if the list has it."""
-    return IK_DEFAULT_CONTROL_MODE if "ik" in expert_type.replace(" ", "").split(",") else "pd_joint_delta_pos"
+def default_control_mode(expert_type: str, env_id: str) -> str:
+    """The control mode a run uses when --control-mode is not given: the IK expert's for the task if the list has
+    it, else ManiSkill's default."""
+    if "ik" in expert_type.replace(" ", "").split(","):
+        return ik_control_modes(env_id)[0]
+    return "pd_joint_delta_pos"
 
 
 def check_expert_args(expert_type: str, env_id: str, control_mode: str, model_path: Optional[str],
@@ -346,14 +557,15 @@ def check_expert_args(expert_type: str, env_id: str, control_mode: str, model_pa
         load_expert_fn(expert_fn)
 
 
-def make_expert(expert_type: str, env_id: str, env, ik_gain: float = 1.0, model_path: Optional[str] = None,
+def make_expert(expert_type: str, env_id: str, env, ik_gain: float = 1.0,
+                ik_calibration: Optional[CalibrationError] = None, model_path: Optional[str] = None,
                 expert_fn: Optional[str] = None, image_agent: Optional[type] = None) -> ExpertFn:
     """Build one expert named on the command line for a backend env (``util.make_env``). ``image_agent``: the
     image scripts' Agent class, which a model expert needs to rebuild an image checkpoint."""
     if expert_type == "zero":
         return ZeroExpert(int(env.single_action_space.shape[0]))
     if expert_type == "ik":
-        return IKExpert(env_id, env.control_mode, ik_gain)
+        return IKExpert(env_id, env.control_mode, ik_gain, ik_calibration)
     if expert_type == "model":
         return ModelExpert(model_path, env_id, env, image_agent)
     if expert_type == "custom":

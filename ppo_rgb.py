@@ -71,6 +71,12 @@ class Args:
     """the expert the residual corrects: zero | ik | model | custom, or a comma list (ik,zero) to fuse several"""
     ik_gain: float = 1.0
     """IK expert gain: 1.0 asks for the whole position error in one control step"""
+    ik_calibration_mm: float = 0.0
+    """IK expert's calibration error: it perceives its task's target (goal, hole) this many millimetres off"""
+    ik_calibration_deg: float = 0.0
+    """IK expert's calibration error: and turned this many degrees about its own origin"""
+    ik_calibration_seed: int = 0
+    """draws the directions of the calibration error's shift and axis, fixed for the whole run"""
     model_path: Optional[str] = None
     """checkpoint of these scripts to act as the expert (--expert-type model)"""
     expert_fn: Optional[str] = None
@@ -309,6 +315,8 @@ def check_args(args: Args) -> None:
         ("--residual-scale-final", args.residual_scale_final, ">= 0"),
         ("--expert-action-noise", args.expert_action_noise, ">= 0"),
         ("--ik-gain", args.ik_gain, "> 0"),
+        ("--ik-calibration-mm", args.ik_calibration_mm, ">= 0"),
+        ("--ik-calibration-deg", args.ik_calibration_deg, ">= 0"),
         ("--total-timesteps", args.total_timesteps, ">= 1"),
         ("--num-envs", args.num_envs, ">= 1"),
         ("--num-eval-envs", args.num_eval_envs, ">= 1"),
@@ -367,7 +375,7 @@ def parse_args() -> tuple[Args, str, bool]:
         args.exp_name = os.path.splitext(SCRIPT)[0]
     default_control_mode = args.control_mode is None
     if default_control_mode:
-        args.control_mode = experts.default_control_mode(args.expert_type)
+        args.control_mode = experts.default_control_mode(args.expert_type, args.env_id)
     check_args(args)
     return args, backend, default_control_mode
 
@@ -396,7 +404,8 @@ def make_envs(args: Args, backend: str):
     eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True,
                               reconfiguration_freq=args.eval_reconfiguration_freq, **env_kwargs)
     expert_fns = experts.make_experts(args.expert_type, args.env_id, eval_envs, ik_gain=args.ik_gain,
-                                      model_path=args.model_path, expert_fn=args.expert_fn, image_agent=Agent)
+                                      ik_calibration=experts.calibration(args), model_path=args.model_path,
+                                      expert_fn=args.expert_fn, image_agent=Agent)
     eval_envs = util.ExpertResidualWrapper(eval_envs, expert_fns, args.residual_scale, args.clip_final_action,
                                            fusion=args.fusion,
                                            policy_obs_fn=util.image_policy_obs(eval_envs, args.include_state))

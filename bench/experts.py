@@ -60,7 +60,7 @@ def overhead(args: Args) -> dict:
     """Wrapped SPS with the IK expert and with the zero expert on the same envs. The zero-expert run
     replays the IK run's executed actions as its residual, so both runs simulate the same motion and
     differ only in the expert's computation."""
-    task, mode = "PickCube-v1", experts.IK_DEFAULT_CONTROL_MODE
+    task, mode = "PickCube-v1", "pd_ee_delta_pos"
     env = util.make_env(task, args.num_envs, "cpu", control_mode=mode)
     action_dim = env.single_action_space.shape[0]
     ik = util.ExpertResidualWrapper(env, experts.IKExpert(task, mode, args.ik_gain))

@@ -1,20 +1,23 @@
-"""Learning benchmark: residual PPO on top of an expert against plain PPO, PickCube-v1 on the CPU backend.
+"""Learning benchmark: residual PPO on top of an expert against plain PPO, on the CPU backend.
 
-Runs ppo.py as subprocesses, one after the other, for a fixed budget of env steps in three
-configurations, each with every seed in --seeds:
+Runs ppo.py as subprocesses, one after the other, for a fixed budget of env steps per run, in up to
+three configurations of a task (--task, see TASKS):
 
 - ``zero``: plain PPO (the zero expert, residual scale 1);
-- ``weak_ik``: residual PPO over a deliberately weak IK expert (``--weak-ik-gain``, at which the expert
-  alone reaches success_once <= 0.4);
-- ``ik``: residual PPO over the default IK expert (gain 1.0).
+- ``weak_ik``: residual PPO over an imperfect IK expert: on PickCube-v1 one at a fifth of the gain
+  (``--ik-gain 0.28``), on PegInsertionSide-v1 one that perceives the hole 3 mm off
+  (``--ik-calibration-mm 3``), both succeeding in well under half the episodes alone;
+- ``ik``: residual PPO over the good IK expert.
 
-All runs use pd_ee_delta_pos. Each run's eval success_once against env steps comes from its
-tensorboard events. Each IK expert is also measured alone (residual zero) on --expert-episodes
-episodes, evaluated as ppo.py evaluates. Writes learning.csv, learning.png and learning.json to
---out, and prints a table and the targets:
+Each run's eval success_once against env steps comes from its tensorboard events. Each IK expert is
+also measured alone (residual zero) on --expert-episodes episodes, evaluated as ppo.py evaluates.
+Writes learning.csv, learning.png and learning.json to --out, and prints a table and the targets:
 
 - ``weak_ik`` reaches eval success_once >= 0.9 within the budget with every seed;
 - ``ik`` never falls more than 0.05 below its expert alone at any eval point.
+
+Every finished run is recorded in --out/logs and reused by the next invocation with the same command,
+so a bench that spans several sessions continues where it stopped.
 """
 
 import csv
@@ -35,34 +38,43 @@ sys.path.insert(0, ROOT)
 import experts  # noqa: E402
 import util  # noqa: E402
 
-ENV_ID = "PickCube-v1"
-CONTROL_MODE = "pd_ee_delta_pos"
+RESIDUAL_TECHNIQUES = "--init-logstd -2 --critic-warmup-iters 2 --residual-warmup-steps 50000"
+# per task: control mode, budget, ppo.py flags of every run, the runs in the order they are made (seed by
+# seed, so that an interrupted bench already has every configuration), and each configuration's flags
+TASKS = {
+    "PickCube-v1": dict(
+        control_mode="pd_ee_delta_pos", total_timesteps=300_000,
+        ppo_flags="--num-steps 200 --num-minibatches 4 --eval-freq 6",  # an eval every 9600 env steps
+        runs=[("weak_ik", 1), ("ik", 1), ("zero", 1), ("weak_ik", 2), ("ik", 2), ("zero", 2)],
+        configs=dict(zero="--expert-type zero --residual-scale 1.0",
+                     weak_ik=f"--expert-type ik --ik-gain 0.28 --residual-scale 0.5 {RESIDUAL_TECHNIQUES}",
+                     ik=f"--expert-type ik --ik-gain 1.0 --residual-scale 0.2 {RESIDUAL_TECHNIQUES}")),
+    "PegInsertionSide-v1": dict(
+        control_mode="pd_ee_delta_pose", total_timesteps=1_000_000,
+        ppo_flags="--num-steps 200 --num-minibatches 4 --eval-freq 20",  # an eval every 32000 env steps
+        runs=[("weak_ik", 1), ("ik", 1), ("weak_ik", 2), ("ik", 2), ("zero", 1)],
+        configs=dict(zero="--expert-type zero --residual-scale 1.0",
+                     weak_ik=f"--expert-type ik --ik-calibration-mm 3 --residual-scale 0.2 {RESIDUAL_TECHNIQUES}",
+                     ik=f"--expert-type ik --residual-scale 0.2 {RESIDUAL_TECHNIQUES}")),
+}
+LABELS = dict(zero="PPO (zero expert)", weak_ik="residual PPO, imperfect IK", ik="residual PPO, IK")
 
 
 @dataclass
 class Args:
-    out: str = "bench/out/learning"
-    """directory for learning.csv, learning.png, learning.json, the runs and their logs"""
-    total_timesteps: int = 300_000
-    """env steps of training per run"""
-    seeds: list[int] = field(default_factory=lambda: [1, 2])
-    """seeds of every configuration"""
-    configs: list[str] = field(default_factory=lambda: ["weak_ik", "ik", "zero"])
-    """configurations to run: zero | weak_ik | ik"""
-    weak_ik_gain: float = 0.28
-    """the weak expert's --ik-gain: the largest with success_once <= 0.4 alone (measured: 0.27 -> 0.23,
-    0.28 -> 0.31, 0.29 -> 0.45, 0.3 -> 0.56 with bench/experts.py)"""
+    task: str = "PickCube-v1"
+    """the task: PickCube-v1 | PegInsertionSide-v1"""
+    out: Optional[str] = None
+    """directory for learning.csv, learning.png, learning.json, the runs and their logs
+    (default: bench/out/learning for PickCube-v1, bench/out/learning-<task> otherwise)"""
+    total_timesteps: Optional[int] = None
+    """env steps of training per run (default: the task's, 300k for PickCube-v1 and 1M for PegInsertionSide-v1)"""
+    runs: Optional[list[str]] = None
+    """the runs to make, as config:seed (weak_ik:1 ik:1 ...; default: the task's list)"""
     num_envs: int = 8
     """training envs per run"""
     num_eval_envs: int = 32
     """eval envs per run: one episode each per eval"""
-    ppo_flags: str = "--num-steps 200 --num-minibatches 4 --eval-freq 6"
-    """ppo.py flags of every run: batches of 1600 env steps, an eval every 9600 env steps"""
-    weak_ik_flags: str = ("--residual-scale 0.5 --init-logstd -2 --critic-warmup-iters 2 "
-                          "--residual-warmup-steps 50000")
-    """ppo.py flags of the weak_ik configuration (residual techniques and scale)"""
-    ik_flags: str = "--residual-scale 0.2 --init-logstd -2 --critic-warmup-iters 2 --residual-warmup-steps 50000"
-    """ppo.py flags of the ik configuration (residual techniques and scale)"""
     expert_episodes: int = 200
     """episodes on which each IK expert is measured alone"""
     train: bool = True
@@ -72,23 +84,22 @@ class Args:
     command is reused (so an interrupted bench, or one with a configuration added, continues)"""
 
 
-def config_flags(config: str, args: Args) -> list[str]:
-    if config == "zero":
-        return ["--expert-type", "zero", "--residual-scale", "1.0"]
-    if config == "weak_ik":
-        return ["--expert-type", "ik", "--ik-gain", str(args.weak_ik_gain), *shlex.split(args.weak_ik_flags)]
-    return ["--expert-type", "ik", "--ik-gain", "1.0", *shlex.split(args.ik_flags)]
-
-
-def expert_alone(gain: float, args: Args) -> float:
-    """success_once of the IK expert with a zero residual, in full episodes as ppo.py evaluates
+def expert_alone(config: str, task: dict, args: Args) -> float:
+    """success_once of a configuration's IK expert with a zero residual, in full episodes as ppo.py evaluates
     (recorded in --out like the runs, and reused unless --rerun)."""
-    record_path = os.path.join(args.out, "logs", f"expert_alone_gain{gain}_{args.expert_episodes}ep.json")
+    flags = shlex.split(task["configs"][config])
+    value = lambda flag, default: type(default)(flags[flags.index(flag) + 1]) if flag in flags else default
+    gain, millimetres = value("--ik-gain", 1.0), value("--ik-calibration-mm", 0.0)
+    record_path = os.path.join(args.out, "logs", f"expert_alone_{config}_{args.expert_episodes}ep.json")
     if not args.rerun and os.path.isfile(record_path):
         with open(record_path) as f:
-            return json.load(f)["success_once"]
-    env = util.make_env(ENV_ID, args.num_eval_envs, "cpu", ignore_terminations=True, control_mode=CONTROL_MODE)
-    wrapped = util.ExpertResidualWrapper(env, experts.IKExpert(ENV_ID, CONTROL_MODE, gain))
+            record = json.load(f)
+        if (record["gain"], record.get("calibration_mm", 0.0)) == (gain, millimetres):
+            return record["success_once"]
+    env = util.make_env(args.task, args.num_eval_envs, "cpu", ignore_terminations=True,
+                        control_mode=task["control_mode"])
+    calibration = experts.CalibrationError(millimetres, 0.0, 0) if millimetres else None
+    wrapped = util.ExpertResidualWrapper(env, experts.IKExpert(args.task, task["control_mode"], gain, calibration))
     wrapped.reset(seed=12345)
     zero = torch.zeros(args.num_eval_envs, wrapped.action_dim)
     successes = []
@@ -99,7 +110,8 @@ def expert_alone(gain: float, args: Args) -> float:
     wrapped.close()
     success_once = torch.cat(successes)[:args.expert_episodes].float().mean().item()
     with open(record_path, "w") as f:
-        json.dump(dict(gain=gain, episodes=args.expert_episodes, success_once=success_once), f)
+        json.dump(dict(gain=gain, calibration_mm=millimetres, episodes=args.expert_episodes,
+                       success_once=success_once), f)
     return success_once
 
 
@@ -111,14 +123,22 @@ def eval_curve(run_dir: str) -> list[tuple[int, float]]:
     return [(int(e.step), float(e.value)) for e in events.Scalars("eval/success_once")]
 
 
-def train(config: str, seed: int, args: Args) -> Optional[dict]:
+def _from_root(path: str) -> str:
+    path = os.path.abspath(path)
+    return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
+
+
+def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
     runs = os.path.join(args.out, "runs")
     exp_name = f"{config}_s{seed}"
-    command = [sys.executable, os.path.join(ROOT, "ppo.py"), "--sim-backend", "cpu", "--env-id", ENV_ID,
-               "--control-mode", CONTROL_MODE, "--seed", str(seed), "--num-envs", str(args.num_envs),
+    # run from the repository's root, with paths relative to it where they can be, so that the record (which
+    # holds the command) matches the same run made from another clone
+    command = [sys.executable, "ppo.py", "--sim-backend", "cpu", "--env-id", args.task,
+               "--control-mode", task["control_mode"], "--seed", str(seed), "--num-envs", str(args.num_envs),
                "--num-eval-envs", str(args.num_eval_envs), "--total-timesteps", str(args.total_timesteps),
-               "--no-capture-video", "--exp-name", exp_name, "--output-dir", runs, *shlex.split(args.ppo_flags),
-               *config_flags(config, args)]
+               "--no-capture-video", "--exp-name", exp_name, "--output-dir", _from_root(runs),
+               *shlex.split(task["ppo_flags"]),
+               *shlex.split(task["configs"][config])]
     log_path = os.path.join(args.out, "logs", f"{exp_name}.log")
     record_path = os.path.join(args.out, "logs", f"{exp_name}.json")
     if not args.rerun and os.path.isfile(record_path):
@@ -135,11 +155,11 @@ def train(config: str, seed: int, args: Args) -> Optional[dict]:
     # made the update tens of times slower, and a batch of 400 samples gains nothing from it.
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(log_path, "w") as log:
-        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     seconds = time.time() - start
     if proc.returncode != 0:
         raise util.FatalError(f"{exp_name} failed (exit code {proc.returncode}); see {log_path}")
-    run_dir = max((os.path.join(runs, d) for d in os.listdir(runs) if d.startswith(f"{ENV_ID}__{exp_name}__")),
+    run_dir = max((os.path.join(runs, d) for d in os.listdir(runs) if d.startswith(f"{args.task}__{exp_name}__")),
                   key=os.path.getmtime)
     curve = eval_curve(run_dir)
     print(f"  {seconds / 60:.1f} min, eval success_once: " + " ".join(f"{v:.2f}" for _, v in curve), flush=True)
@@ -150,56 +170,72 @@ def train(config: str, seed: int, args: Args) -> Optional[dict]:
     return record
 
 
-def plot(runs: list[dict], alone: dict, path: str, args: Args) -> None:
+def plot(runs: list[dict], alone: dict, path: str, task: dict, args: Args) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     colors = dict(zero="tab:gray", weak_ik="tab:orange", ik="tab:blue")
-    labels = dict(zero="PPO (zero expert)", weak_ik=f"residual PPO, weak IK (gain {args.weak_ik_gain})",
-                  ik="residual PPO, IK (gain 1.0)")
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for run in runs:
-        first = run["seed"] == args.seeds[0]
+        first = run["seed"] == min(r["seed"] for r in runs if r["config"] == run["config"])
         ax.plot(run["steps"], run["success_once"], color=colors[run["config"]], marker=".",
-                linestyle="-" if first else "--", label=f"{labels[run['config']]}, seed {run['seed']}")
+                linestyle="-" if first else "--", label=f"{LABELS[run['config']]}, seed {run['seed']}")
     for config, value in alone.items():
         ax.axhline(value, color=colors[config], linestyle=":", linewidth=1, label=f"{config} expert alone ({value:.2f})")
     ax.set_xlabel("env steps")
     ax.set_ylabel("eval success_once")
     ax.set_ylim(-0.03, 1.03)
-    ax.set_title(f"{ENV_ID}, CPU backend, {args.num_envs} envs, {args.num_eval_envs} eval episodes per point")
+    ax.set_title(f"{args.task}, {task['control_mode']}, CPU backend, {args.num_envs} envs, "
+                 f"{args.num_eval_envs} eval episodes per point", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def planned_runs(task: dict, args: Args) -> list[tuple[str, int]]:
+    if args.runs is None:
+        return task["runs"]
+    planned = []
+    for spec in args.runs:
+        config, sep, seed = spec.partition(":")
+        if config not in task["configs"] or not sep or not seed.isdigit():
+            raise util.UsageError(f"--runs: '{spec}' is not config:seed with config one of "
+                                  f"{', '.join(task['configs'])}")
+        planned.append((config, int(seed)))
+    return planned
+
+
 def main():
     args = tyro.cli(Args)
-    unknown = set(args.configs) - {"zero", "weak_ik", "ik"}
-    if unknown:
-        raise util.UsageError(f"unknown configurations {sorted(unknown)}; valid: zero, weak_ik, ik")
+    if args.task not in TASKS:
+        raise util.UsageError(f"unknown --task '{args.task}'; valid: {', '.join(TASKS)}")
+    task = TASKS[args.task]
+    args.out = os.path.abspath(args.out or os.path.join(
+        ROOT, "bench/out/learning" if args.task == "PickCube-v1" else f"bench/out/learning-{args.task}"))
+    args.total_timesteps = args.total_timesteps or task["total_timesteps"]
+    planned = planned_runs(task, args)
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     bench_start = time.time()
 
     alone = {}
-    for config, gain in (("weak_ik", args.weak_ik_gain), ("ik", 1.0)):
-        if config in args.configs:
-            alone[config] = expert_alone(gain, args)
-            print(f"{config} expert alone (gain {gain}): success_once {alone[config]:.3f} "
-                  f"on {args.expert_episodes} episodes", flush=True)
+    for config in ("weak_ik", "ik"):
+        if any(c == config for c, _ in planned):
+            alone[config] = expert_alone(config, task, args)
+            print(f"{config} expert alone ({task['configs'][config].split(' --residual')[0]}): success_once "
+                  f"{alone[config]:.3f} on {args.expert_episodes} episodes", flush=True)
 
-    # seed by seed, so that an interrupted bench already has every configuration
-    runs = [run for seed in args.seeds for config in args.configs if (run := train(config, seed, args))]
+    runs = [run for config, seed in planned if (run := train(config, seed, task, args))]
 
     with open(os.path.join(args.out, "learning.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["config", "seed", "env_steps", "success_once"])
         for run in runs:
             writer.writerows([run["config"], run["seed"], s, v] for s, v in zip(run["steps"], run["success_once"]))
-    plot(runs, alone, os.path.join(args.out, "learning.png"), args)
+    if runs:
+        plot(runs, alone, os.path.join(args.out, "learning.png"), task, args)
 
     summary = {}
     print(f"\n{'config':<9}{'seed':>5}{'final':>8}{'max':>7}{'min':>7}{'first >= 0.9':>14}{'minutes':>9}")
@@ -209,17 +245,21 @@ def main():
                    first_step_at_0_9=reached[0] if reached else None)
         print(f"{run['config']:<9}{run['seed']:>5}{run['final']:>8.2f}{run['max']:>7.2f}{run['min']:>7.2f}"
               f"{str(run['first_step_at_0_9']):>14}{run['seconds'] / 60:>9.1f}")
-    by_config = {c: [r for r in runs if r["config"] == c] for c in args.configs}
-    if by_config.get("weak_ik"):
+    by_config = {c: [r for r in runs if r["config"] == c] for c in task["configs"]}
+    if by_config["weak_ik"]:
         summary["weak_ik_seeds"] = len(by_config["weak_ik"])
         summary["weak_ik_reaches_0.9_every_seed"] = all(r["first_step_at_0_9"] is not None for r in by_config["weak_ik"])
-    if by_config.get("ik"):
+    if by_config["ik"]:
         summary["ik_seeds"] = len(by_config["ik"])
         summary["ik_worst_eval"] = min(r["min"] for r in by_config["ik"])
         summary["ik_never_below_expert_minus_0.05"] = summary["ik_worst_eval"] >= alone["ik"] - 0.05
+    missing = [f"{c}:{s}" for c, s in planned if not any(r["config"] == c and r["seed"] == s for r in runs)]
+    if missing:
+        summary["runs_not_yet_made"] = missing
     for target, value in summary.items():
         print(f"{target}: {value}")
-    result = dict(env_id=ENV_ID, control_mode=CONTROL_MODE, args=vars(args), expert_alone=alone, targets=summary,
+    result = dict(env_id=args.task, control_mode=task["control_mode"], configs=task["configs"],
+                  ppo_flags=task["ppo_flags"], args=vars(args), expert_alone=alone, targets=summary,
                   wall_clock_seconds=time.time() - bench_start,
                   training_seconds_total=sum(r["seconds"] for r in runs), runs=runs)
     with open(os.path.join(args.out, "learning.json"), "w") as f:

@@ -23,14 +23,28 @@ def ik_successes(task, mode, episodes=10):
         wrapped.close()
 
 
-@pytest.mark.parametrize("task", list(experts.TASK_PLANS))
-def test_ik_expert_solves_task_in_default_mode(task):
-    assert ik_successes(task, experts.IK_DEFAULT_CONTROL_MODE) >= 8
+# the fewest successes in a few episodes that bench/RESULTS.md's success rates make likely (at least 98%)
+CUBE_TASKS = ["PickCube-v1", "StackCube-v1", "PushCube-v1", "PullCube-v1"]
 
 
-@pytest.mark.parametrize("task", list(experts.TASK_PLANS))
-def test_ik_expert_solves_task_in_joint_mode(task):
+@pytest.mark.parametrize("task", CUBE_TASKS)
+def test_ik_expert_solves_cube_tasks_in_default_mode(task):
+    assert experts.ik_control_modes(task)[0] == "pd_ee_delta_pos"
+    assert ik_successes(task, "pd_ee_delta_pos") >= 8
+
+
+@pytest.mark.parametrize("task", CUBE_TASKS)
+def test_ik_expert_solves_cube_tasks_in_joint_mode(task):
     assert ik_successes(task, "pd_joint_delta_pos") >= 6
+
+
+@pytest.mark.parametrize("task, mode, least", [
+    ("PegInsertionSide-v1", "pd_ee_delta_pose", 5),  # 0.94 alone
+    ("PegInsertionSide-v1", "pd_joint_delta_pos", 5),  # 1.00
+    ("LiftPegUpright-v1", "pd_ee_delta_pose", 2),  # 0.69
+])
+def test_ik_expert_solves_peg_tasks_turning_the_gripper(task, mode, least):
+    assert ik_successes(task, mode, episodes=6) >= least
 
 
 def test_expert_gets_privileged_state_next_to_camera_images():
@@ -49,32 +63,48 @@ def test_expert_gets_privileged_state_next_to_camera_images():
         env.close()
 
 
-def test_differential_ik_moves_tcp_in_commanded_direction():
+def test_differential_ik_moves_and_turns_tcp_as_commanded():
+    """Random displacements (orientation held) and random rotations (position held) through the 6-row
+    Jacobian: the TCP moves along, and turns about, the commanded direction; the held part barely changes."""
+    from mani_skill.utils.geometry.rotation_conversions import matrix_to_axis_angle, quaternion_to_matrix
+
     env = util.make_env("PickCube-v1", 1, sim_backend="physx_cpu", control_mode="pd_joint_delta_pos")
     ik = experts.DifferentialIK(torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     obs, _ = env.reset(seed=0)
-    cosines = []
     hold = torch.cat([torch.zeros(1, 7), torch.ones(1, 1)], dim=1)
-    for _ in range(12):
+    zero = torch.zeros(1, 3)
+    results = []
+    for turning in [False] * 8 + [True] * 8:
         for _ in range(4):  # come to rest, so that the last motion does not carry over
             obs, *_ = env.step(hold)
         direction = torch.nn.functional.normalize(torch.randn(1, 3, generator=g), dim=1)
-        before = obs["extra"]["tcp_pose"][:, :3]
-        for _ in range(3):  # 2 cm per step, the IK re-solved at every step
-            dq = ik(obs["agent"]["qpos"], 0.02 * direction) / experts.JOINT_STEP
+        before_p, before_r = obs["extra"]["tcp_pose"][:, :3], quaternion_to_matrix(obs["extra"]["tcp_pose"][:, 3:])
+        for _ in range(3):  # 2 cm or 0.05 rad per step, the IK re-solved at every step
+            command = (zero, 0.05 * direction) if turning else (0.02 * direction, zero)
+            dq = ik(obs["agent"]["qpos"], *command) / experts.JOINT_STEP
             obs, *_ = env.step(torch.cat([dq.clamp(-1, 1), torch.ones(1, 1)], dim=1))
-        moved = obs["extra"]["tcp_pose"][:, :3] - before
-        cosines.append(torch.nn.functional.cosine_similarity(moved, direction).item())
+        moved = obs["extra"]["tcp_pose"][:, :3] - before_p
+        turned = matrix_to_axis_angle(quaternion_to_matrix(obs["extra"]["tcp_pose"][:, 3:]) @ before_r.mT)
+        along, held = (turned, moved) if turning else (moved, turned)
+        results.append((turning, torch.nn.functional.cosine_similarity(along, direction).item(),
+                        held.norm().item()))
     env.close()
-    assert min(cosines) > 0.9, cosines
+    assert min(cosine for _, cosine, _ in results) > 0.9, results
+    # held: under 5 mm of drift while turning 0.15 rad, under 0.05 rad of turn while moving 6 cm
+    assert all(held < (0.005 if turning else 0.05) for turning, _, held in results), results
 
 
 def test_unsupported_task_or_mode_names_the_supported_ones():
-    with pytest.raises(ValueError, match="supported: PickCube-v1, StackCube-v1, PushCube-v1, PullCube-v1"):
-        experts.IKExpert("PegInsertionSide-v1", "pd_ee_delta_pos")
+    with pytest.raises(ValueError, match="supported: PickCube-v1, StackCube-v1, PushCube-v1, PullCube-v1, "
+                                         "PegInsertionSide-v1, LiftPegUpright-v1"):
+        experts.IKExpert("TurnFaucet-v1", "pd_ee_delta_pos")
     with pytest.raises(ValueError, match="supported: pd_ee_delta_pos, pd_ee_delta_pose, pd_joint_delta_pos"):
         experts.IKExpert("PickCube-v1", "pd_joint_vel")
+    # the peg plans turn the gripper, which pd_ee_delta_pos cannot
+    with pytest.raises(ValueError, match="PegInsertionSide-v1 in control mode pd_ee_delta_pos; supported: "
+                                         "pd_ee_delta_pose, pd_joint_delta_pos"):
+        experts.IKExpert("PegInsertionSide-v1", "pd_ee_delta_pos")
 
 
 def test_model_expert_acts_as_the_trained_actor_mean(trained):
