@@ -7,6 +7,8 @@ Every expert satisfies one interface, ``expert(obs: dict) -> torch.Tensor``, whe
 - ``ZeroExpert``: no prior; the residual is the whole action.
 - ``IKExpert``: a scripted Cartesian controller per task, in the env's control mode.
 - ``ModelExpert``: a policy from a checkpoint of these scripts, acting deterministically.
+- ``StatePolicyExpert``: a policy trained elsewhere, on ManiSkill's flat "state" observation: the Agent of
+  ManiSkill's PPO baselines (its state dict), a TorchScript module or an exported program.
 - custom: ``load_expert_fn("path/to/file.py:function")`` or ``"package.module:function"``.
 
 ``--expert-type`` may name several experts (``ik,zero``): ``make_experts`` builds them all, and the
@@ -18,7 +20,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from typing import Callable, Optional
+import zipfile
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -448,9 +451,8 @@ class ModelExpert:
     scripts' network, which those scripts hand over as ``image_agent``.
     """
 
-    def __init__(self, path: str, env_id: str, env, image_agent: Optional[type] = None):
+    def __init__(self, payload: dict, path: str, env_id: str, env, image_agent: Optional[type] = None):
         device = torch.device(env.device)
-        payload = load_checkpoint(path, map_location=device)
         meta = payload["meta"]
         check_checkpoint(payload, path, env_id=env_id, control_mode=env.control_mode)
         network, self.path, self.env_id = meta.get("network"), path, env_id
@@ -491,6 +493,101 @@ class ModelExpert:
             raise UsageError(f"checkpoint '{self.path}' was trained on observations {self.signature} but "
                              f"{self.env_id} gives {signature}")
         return compose_action(expert_actions, self.actor(policy_obs), self.scale, self.fusion, bounds=self.bounds)[0]
+
+
+MODEL_FORMATS = ("a checkpoint of these scripts, a state dict of the Agent of ManiSkill's PPO baselines (ppo.py, "
+                 "ppo_fast.py), a TorchScript module (torch.jit.save) or an exported program (torch.export.save)")
+MANISKILL_DEFAULT_MODE = "pd_joint_delta_pos"
+
+
+def read_model(path: str, device: torch.device = torch.device("cpu")) -> tuple[str, Any]:
+    """What --model-path holds: ("suite", checkpoint), ("maniskill", state dict), ("torchscript", module) or
+    ("exported", module), or a one-line UsageError saying why it is none of them. State dicts load with
+    weights_only=True; TorchScript modules and exported programs are programs, loaded as such."""
+    if not os.path.isfile(path):
+        load_checkpoint(path)  # its one-line errors for a directory or a missing file
+    names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else []
+    try:
+        if any("/code/__torch__/" in name for name in names):
+            return "torchscript", torch.jit.load(path, map_location=device)
+        if any(name.endswith("/archive_format") for name in names):
+            return "exported", torch.export.load(path).module().to(device)
+    except Exception as err:
+        raise UsageError(f"model '{path}' cannot be loaded ({_first_line(err)})") from None
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:
+        raise UsageError(f"model '{path}' cannot be loaded ({_first_line(err)}); expected {MODEL_FORMATS}") from None
+    if isinstance(payload, dict) and "model" in payload and "meta" in payload:
+        return "suite", payload
+    keys = list(payload) if isinstance(payload, dict) else []
+    keys = [k.removeprefix("_orig_mod.") for k in keys]
+    if any(k.startswith("feature_net.") for k in keys):
+        raise UsageError(f"model '{path}' is the Agent of ManiSkill's ppo_rgb.py (a NatureCNN on its "
+                         f"FlattenRGBDObservationWrapper's images); its image observation is not rebuilt here, so "
+                         f"only ManiSkill's state policies serve as experts")
+    if keys and "actor_logstd" in keys and any(k.startswith("actor_mean.") for k in keys) and \
+            all(k == "actor_logstd" or k.startswith(("actor_mean.", "critic.")) for k in keys):
+        return "maniskill", {k.removeprefix("_orig_mod."): v for k, v in payload.items()}
+    raise UsageError(f"model '{path}' has an unknown layout (keys {', '.join(keys[:4]) or 'none'}...); expected "
+                     f"{MODEL_FORMATS}")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+class StatePolicyExpert:
+    """A policy trained elsewhere, acting from the flat "state" observation (ManiSkill's ``state`` obs mode, rebuilt
+    from the privileged state the expert gets in every script): ManiSkill's PPO Agent by its deterministic actor
+    mean, or a TorchScript module or exported program mapping [N, obs_dim] to [N, action_dim]. Its shapes are
+    checked against the env on the first call, before anything is trained or written."""
+
+    def __init__(self, policy: Callable, path: str, kind: str, env_id: str, env,
+                 dims: Optional[tuple[int, int]] = None):
+        self.policy, self.path, self.kind, self.env_id, self.dims = policy, path, kind, env_id, dims
+        self.control_mode = env.control_mode
+        self.action_dim = int(env.single_action_space.shape[0])
+        self.checked = False
+
+    def _mismatch(self, obs_dim: int, detail: str) -> UsageError:
+        return UsageError(f"model '{self.path}' ({self.kind}) {detail}, but {self.env_id} in control mode "
+                          f"{self.control_mode} gives {obs_dim}-dim state observations and takes "
+                          f"{self.action_dim}-dim actions; --control-mode must be the one the policy was trained "
+                          f"in (ManiSkill's baselines default to {MANISKILL_DEFAULT_MODE})")
+
+    @torch.no_grad()
+    def __call__(self, obs: dict) -> torch.Tensor:
+        state = flat_state(dict(agent=obs["agent"], extra=obs["extra"]))
+        if self.checked:
+            return self.policy(state)
+        if self.dims is not None and self.dims != (state.shape[1], self.action_dim):
+            raise self._mismatch(state.shape[1], f"maps {self.dims[0]}-dim observations to {self.dims[1]}-dim actions")
+        try:
+            action = self.policy(state)
+        except Exception as err:
+            raise self._mismatch(state.shape[1], f"fails on a [{state.shape[0]}, {state.shape[1]}] observation "
+                                                 f"({_first_line(err)})") from None
+        if not isinstance(action, torch.Tensor) or tuple(action.shape) != (state.shape[0], self.action_dim):
+            shape = list(action.shape) if isinstance(action, torch.Tensor) else type(action).__name__
+            raise self._mismatch(state.shape[1], f"returns {shape} for a [{state.shape[0]}, {state.shape[1]}] "
+                                                 f"observation")
+        self.checked = True
+        return action.float()
+
+
+def load_model_expert(path: str, env_id: str, env, image_agent: Optional[type] = None) -> ExpertFn:
+    """The expert of --model-path, whichever of MODEL_FORMATS it is."""
+    device = torch.device(env.device)
+    kind, model = read_model(path, device)
+    if kind == "suite":
+        return ModelExpert(model, path, env_id, env, image_agent)
+    if kind == "maniskill":
+        actor = mlp_actor(model).to(device)
+        dims = (actor[0].in_features, actor[-1].out_features)
+        return StatePolicyExpert(actor, path, "ManiSkill PPO state dict", env_id, env, dims)
+    return StatePolicyExpert(model, path, "TorchScript module" if kind == "torchscript" else "exported program",
+                             env_id, env)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -549,8 +646,10 @@ def check_expert_args(expert_type: str, env_id: str, control_mode: str, model_pa
         raise UsageError(str(err)) from None
     if "model" in types:
         if not model_path:
-            raise UsageError("--expert-type model needs --model-path CHECKPOINT")
-        check_checkpoint(load_checkpoint(model_path), model_path, env_id=env_id, control_mode=control_mode)
+            raise UsageError(f"--expert-type model needs --model-path FILE: {MODEL_FORMATS}")
+        kind, model = read_model(model_path)
+        if kind == "suite":
+            check_checkpoint(model, model_path, env_id=env_id, control_mode=control_mode)
     if "custom" in types:
         if not expert_fn:
             raise UsageError("--expert-type custom needs --expert-fn path/to/file.py:function")
@@ -567,7 +666,7 @@ def make_expert(expert_type: str, env_id: str, env, ik_gain: float = 1.0,
     if expert_type == "ik":
         return IKExpert(env_id, env.control_mode, ik_gain, ik_calibration)
     if expert_type == "model":
-        return ModelExpert(model_path, env_id, env, image_agent)
+        return load_model_expert(model_path, env_id, env, image_agent)
     if expert_type == "custom":
         return load_expert_fn(expert_fn)
     raise _unknown_expert(expert_type)

@@ -71,7 +71,7 @@ class Args:
     env_id: str = "PickCube-v1"
     """the ManiSkill task id"""
     control_mode: Optional[str] = None
-    """the robot's control mode (default: pd_ee_delta_pos with the IK expert, else pd_joint_delta_pos)"""
+    """control mode (default: the IK expert's, else pd_joint_delta_pos); a model expert needs its training mode"""
     sim_backend: str = "auto"
     """auto | gpu | cpu: gpu is ManiSkill's physx_cuda simulation, cpu our multi-process backend"""
     expert_type: str = "zero"
@@ -85,7 +85,7 @@ class Args:
     ik_calibration_seed: int = 0
     """draws the directions of the calibration error's shift and axis, fixed for the whole run"""
     model_path: Optional[str] = None
-    """checkpoint of these scripts to act as the expert (--expert-type model)"""
+    """model expert: our checkpoint, a ManiSkill PPO state dict, or a TorchScript/torch.export file (code: trust it)"""
     expert_fn: Optional[str] = None
     """path/to/file.py:function or module:function, obs -> action (--expert-type custom)"""
     residual_scale: float = 1.0

@@ -1,8 +1,10 @@
-"""How well each IK expert solves its task alone (residual zero), and what it costs per step.
+"""How well each IK expert solves its task alone (residual zero), and what it costs per call.
 
-For every task and control mode: --episodes episodes on the CPU backend with ignore_terminations, so
-each episode runs to the time limit; success_once and success_at_end come from the backend's episode
-metrics. Then wrapped-env SPS with the IK expert against the zero expert on PickCube-v1.
+For every task and every control mode its plan acts in: --episodes episodes on the CPU backend with
+ignore_terminations, so each episode runs to the time limit; success_once and success_at_end come from
+the backend's episode metrics. The cost per call is the CPU time of the calling thread per batched call
+(--num-envs envs, one torch thread), which other processes on the machine do not inflate. Then
+wrapped-env SPS with the IK expert against the zero expert on PickCube-v1 (wall clock: run it alone).
 Prints a table and writes JSON to --out (keys like "PickCube-v1/pd_ee_delta_pos/success_once").
 """
 
@@ -11,6 +13,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import tyro
@@ -30,17 +33,29 @@ class Args:
     """envs of the CPU backend"""
     tasks: list[str] = field(default_factory=lambda: list(experts.TASK_PLANS))
     """tasks to run"""
-    control_modes: list[str] = field(default_factory=lambda: ["pd_ee_delta_pos", "pd_joint_delta_pos"])
-    """control modes to run"""
+    control_modes: Optional[list[str]] = None
+    """control modes to run (default: every mode the task's plan acts in)"""
     ik_gain: float = 1.0
     """the IK expert's gain"""
     sps_steps: int = 400
     """batched steps per SPS measurement"""
+    overhead: bool = True
+    """if toggled off (--no-overhead), skip the wall-clock SPS comparison (when other jobs share the cores)"""
 
 
 def success_rates(task: str, mode: str, args: Args) -> dict:
     env = util.make_env(task, args.num_envs, "cpu", ignore_terminations=True, control_mode=mode)
-    wrapped = util.ExpertResidualWrapper(env, experts.IKExpert(task, mode, args.ik_gain))
+    expert = experts.IKExpert(task, mode, args.ik_gain)
+    cost = dict(seconds=0.0, calls=0)
+
+    def timed(obs):
+        start = time.thread_time()
+        action = expert(obs)
+        cost["seconds"] += time.thread_time() - start
+        cost["calls"] += 1
+        return action
+
+    wrapped = util.ExpertResidualWrapper(env, timed)
     wrapped.reset(seed=0)
     zero = torch.zeros(args.num_envs, wrapped.action_dim)
     rounds = -(-args.episodes // args.num_envs)
@@ -53,7 +68,8 @@ def success_rates(task: str, mode: str, args: Args) -> dict:
         at_end.append(episode["success_at_end"])
     wrapped.close()
     return dict(success_once=torch.cat(once)[:args.episodes].float().mean().item(),
-                success_at_end=torch.cat(at_end)[:args.episodes].float().mean().item())
+                success_at_end=torch.cat(at_end)[:args.episodes].float().mean().item(),
+                ms_per_call=1000 * cost["seconds"] / cost["calls"])
 
 
 def overhead(args: Args) -> dict:
@@ -90,19 +106,27 @@ def overhead(args: Args) -> dict:
 
 def main():
     args = tyro.cli(Args)
+    torch.set_num_threads(1)
     results = dict(episodes=args.episodes, ik_gain=args.ik_gain, num_envs=args.num_envs)
-    print(f"{'task':<16}{'control mode':<22}{'success_once':>14}{'success_at_end':>16}")
+    print(f"{'task':<22}{'control mode':<22}{'success_once':>14}{'success_at_end':>16}{'ms per call':>13}")
     for task in args.tasks:
-        for mode in args.control_modes:
+        for mode in args.control_modes or experts.ik_control_modes(task):
             rates = success_rates(task, mode, args)
             for k, v in rates.items():
                 results[f"{task}/{mode}/{k}"] = v
-            print(f"{task:<16}{mode:<22}{rates['success_once']:>14.2f}{rates['success_at_end']:>16.2f}")
+            print(f"{task:<22}{mode:<22}{rates['success_once']:>14.2f}{rates['success_at_end']:>16.2f}"
+                  f"{rates['ms_per_call']:>13.2f}", flush=True)
+    if not args.overhead:
+        return write(results, args)
     results.update(overhead(args))
     ratio = results["wrapped_ik_sps"] / results["wrapped_zero_sps"]
     results["ik_over_zero_sps"] = ratio
     print(f"\nwrapped SPS, PickCube-v1, pd_ee_delta_pos, {args.num_envs} envs: IK {results['wrapped_ik_sps']:.0f}, "
           f"zero {results['wrapped_zero_sps']:.0f}, ratio {ratio:.2f} (target >= 0.90)")
+    write(results, args)
+
+
+def write(results: dict, args: Args) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
