@@ -21,15 +21,15 @@ import importlib
 import importlib.util
 import os
 import zipfile
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 from mani_skill.utils.geometry.rotation_conversions import (axis_angle_to_matrix, matrix_to_axis_angle,
                                                              matrix_to_quaternion, quaternion_to_matrix)
 
-from util import (UsageError, check_checkpoint, check_fusion, compose_action, flat_state, image_policy_obs,
-                  load_checkpoint, with_expert_action)
+from util import (UsageError, adaptive_scale, check_checkpoint, check_fusion, compose_action, consult,
+                  expert_confidence, flat_state, image_policy_obs, load_checkpoint, with_expert_action)
 
 ExpertFn = Callable[[dict], torch.Tensor]
 EXPERT_TYPES = ("zero", "ik", "model", "custom")
@@ -68,6 +68,28 @@ ALIGN_TOL = 0.01  # xy distance under which the gripper counts as above its targ
 TURN_TOL = 0.1  # rotation (rad) under which the gripper counts as turned to its target
 OPEN, CLOSED = 1.0, -1.0
 DOWN = (0.0, 0.0, -1.0)
+# How far a plan's phase can be trusted (its confidence, for adaptive residual scaling): moving through free
+# space to a known pose is reliable; closing on an object and other contact (a grasp, a push, setting an
+# object down) is where a script meets the unmodelled; fine alignment and insertion, millimetres from a
+# collision, is where it fails first
+TRUST_FREE, TRUST_CONTACT, TRUST_FINE = 1.0, 0.5, 0.0
+
+
+class Motion(NamedTuple):
+    """A plan's command for one step, batched."""
+    displacement: torch.Tensor  # [N, 3]: where the TCP should go, world frame (m)
+    rotation: torch.Tensor  # [N, 3]: how it should turn, a world-frame rotation vector (rad)
+    gripper: torch.Tensor  # [N]: OPEN or CLOSED
+    confidence: torch.Tensor  # [N] in [0, 1]: the trust of the phase each env is in (TRUST_*)
+
+
+def _either(mask: torch.Tensor, a: Motion, b: Motion) -> Motion:
+    """``a`` where ``mask``, else ``b``."""
+    return Motion(*(torch.where(mask[:, None] if x.dim() == 2 else mask, x, y) for x, y in zip(a, b)))
+
+
+def _trust(mask: torch.Tensor, where_true: float, elsewhere: float) -> torch.Tensor:
+    return torch.where(mask, where_true, elsewhere).float()
 
 
 def _pose(raw_pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +138,7 @@ def _pick_and_place(obs: dict, tcp, obj, place, grasped):
     dest = torch.where(grasped[:, None], carry, approach)
     gripper = torch.where(grasped | (at_obj & ~missed), CLOSED, OPEN)
     dest = torch.where(missed[:, None], torch.cat([tcp[:, :2], tcp[:, 2:] + HOVER], dim=1), dest)
-    return dest - tcp, _no_turn(tcp), gripper
+    return Motion(dest - tcp, _no_turn(tcp), gripper, _trust(at_obj & ~grasped, TRUST_CONTACT, TRUST_FREE))
 
 
 def _plan_pick_cube(obs: dict):
@@ -136,10 +158,13 @@ def _plan_stack_cube(obs: dict):
     above = on_top + torch.tensor([0.0, 0.0, HOVER], device=tcp.device)
     aligned = torch.linalg.norm(cube_a[:, :2] - cube_b[:, :2], dim=1) < 0.005
     place = torch.where(aligned[:, None], on_top, above)  # carry high, then lower straight down
-    delta, turn, gripper = _pick_and_place(obs, tcp, cube_a, place, grasped)
+    carry = _pick_and_place(obs, tcp, cube_a, place, grasped)
     placed = aligned & ((cube_a[:, 2] - on_top[:, 2]).abs() < 0.005)
-    # on top: let go and hold still
-    return torch.where(placed[:, None], torch.zeros_like(delta), delta), turn, torch.where(placed, OPEN, gripper)
+    # on top: let go and hold still; setting the cube down is contact
+    release = Motion(torch.zeros_like(tcp), carry.rotation, torch.full_like(carry.gripper, OPEN),
+                     torch.full_like(carry.confidence, TRUST_CONTACT))
+    carry = carry._replace(confidence=torch.where(grasped & aligned, TRUST_CONTACT, carry.confidence))
+    return _either(placed, release, carry)
 
 
 def _push_towards_goal(obs: dict, toward: float):
@@ -155,13 +180,12 @@ def _push_towards_goal(obs: dict, toward: float):
     approach = _lift_then_move(tcp, contact, obj[:, 2] + 2 * CUBE_HALF + HOVER)
     dest = torch.where(pushing[:, None], push, approach)
     gripper = torch.full_like(tcp[:, 0], CLOSED)
-    return dest - tcp, _no_turn(tcp), gripper
+    return Motion(dest - tcp, _no_turn(tcp), gripper, _trust(pushing, TRUST_CONTACT, TRUST_FREE))
 
 
 def _top_down_grasp(obs: dict, tcp_p, tcp_r, point, closing, grasped, across):
     """Turn the gripper to point down with its fingers closing along ``closing`` (horizontal), hover over
-    ``point``, descend onto it and close on an object ``across`` wide. Returns (displacement, rotation,
-    gripper)."""
+    ``point``, descend onto it and close on an object ``across`` wide."""
     down = torch.tensor(DOWN, device=tcp_p.device).expand_as(tcp_p)
     # the gripper is symmetric under half a turn about its axis: take the closing direction nearer its own
     closing = torch.where(((closing * tcp_r[:, :, 1]).sum(1) < 0)[:, None], -closing, closing)
@@ -178,7 +202,7 @@ def _top_down_grasp(obs: dict, tcp_p, tcp_r, point, closing, grasped, across):
     dest = torch.where(missed[:, None], torch.cat([tcp_p[:, :2], tcp_p[:, 2:] + HOVER], dim=1), dest)
     closing_now = at_point & ~missed
     gripper = torch.where(closing_now, CLOSED, OPEN)
-    return dest - tcp_p, turn, gripper
+    return Motion(dest - tcp_p, turn, gripper, _trust(at_point, TRUST_CONTACT, TRUST_FREE))
 
 
 def _holding(obs: dict, tcp_p, obj_p, axis, half_length, across) -> torch.Tensor:
@@ -241,10 +265,10 @@ def _plan_peg_insertion(obs: dict):
     sideways = move - axial
     near = (torch.linalg.norm(sideways, dim=1, keepdim=True) < 0.005)
     move = axial + torch.where(near, PEG_OVERSHOOT * sideways, sideways)
-    displacement = torch.where(grasped[:, None], move, grasp[0])
-    rotation = torch.where(grasped[:, None], turn, grasp[1])
-    gripper = torch.where(grasped, CLOSED, grasp[2])
-    return displacement, rotation, gripper
+    # lining up within a few centimetres of the mouth, and pushing in, is the fine work
+    fine = push | (torch.linalg.norm(head_h[:, 1:], dim=1) < 0.02) & (head_h[:, 0] > -length - 3 * PEG_ENTRY)
+    held = Motion(move, turn, torch.full_like(length, CLOSED), _trust(fine, TRUST_FINE, TRUST_FREE))
+    return _either(grasped, held, grasp)
 
 
 LIFT_PEG_GRIP = 0.1  # LiftPegUpright: grasp this far from the peg's centre, near one end (m)
@@ -278,10 +302,9 @@ def _plan_lift_peg_upright(obs: dict):
     target_z = torch.where(upright, torch.full_like(angle, half_length - 0.005), torch.full_like(angle, 0.2))
     target_p = torch.cat([tcp_p[:, :2], target_z[:, None]], dim=1)
     move, turn = _move_held(tcp_p, tcp_r, peg_p, peg_r, target_p, upright_r)
-    displacement = torch.where(grasped[:, None], move, grasp[0])
-    rotation = torch.where(grasped[:, None], turn, grasp[1])
-    gripper = torch.where(grasped, CLOSED, grasp[2])
-    return displacement, rotation, gripper
+    # turning in the air is free motion; setting the peg on its end is contact
+    held = Motion(move, turn, torch.full_like(angle, CLOSED), _trust(upright, TRUST_CONTACT, TRUST_FREE))
+    return _either(grasped, held, grasp)
 
 
 TASK_PLANS = {
@@ -393,12 +416,24 @@ class IKExpert:
         self.plan, self.control_mode, self.gain, self.calibration = TASK_PLANS[env_id], control_mode, gain, calibration
         self.env_id = env_id
         self.ik: Optional[DifferentialIK] = None
+        self._last: tuple = (None, None)  # (the observation of the last call, its plan's confidence)
 
-    def __call__(self, obs: dict) -> torch.Tensor:
+    def _motion(self, obs: dict) -> Motion:
         if self.calibration is not None:
             target = TASK_TARGETS[self.env_id]
             obs = dict(obs, extra=dict(obs["extra"], **{target: self.calibration(obs["extra"][target])}))
-        displacement, rotation, gripper = self.plan(obs)
+        motion = self.plan(obs)
+        self._last = (obs, motion.confidence)
+        return motion
+
+    def confidence(self, obs: dict) -> torch.Tensor:
+        """[N] in [0, 1]: how far the plan's current phase can be trusted (TRUST_FREE, TRUST_CONTACT, TRUST_FINE)."""
+        last_obs, confidence = self._last
+        return confidence if last_obs is obs else self._motion(obs).confidence
+
+    def __call__(self, obs: dict) -> torch.Tensor:
+        displacement, rotation, gripper, _ = self._motion(obs)
+        self._last = (obs, self._last[1])  # keyed by the caller's observation, not the perceived one
         displacement, rotation = self.gain * displacement, self.gain * rotation
         if self.control_mode == "pd_joint_delta_pos":
             if self.ik is None:
@@ -464,7 +499,8 @@ class ModelExpert:
                              f"model expert rebuilds mlp-state and cnn-rgb-state")
         train_args = meta["args"]
         self.inner = make_experts(train_args["expert_type"], env_id, env, ik_gain=train_args.get("ik_gain", 1.0),
-                                  ik_calibration=calibration(train_args), model_path=train_args.get("model_path"), expert_fn=train_args.get("expert_fn"),
+                                  ik_calibration=calibration(train_args), model_path=train_args.get("model_path"),
+                                  expert_fn=train_args.get("expert_fn"),
                                   image_agent=image_agent)
         self.fusion = train_args.get("fusion", "mean")
         action_dim = int(env.single_action_space.shape[0])
@@ -481,18 +517,26 @@ class ModelExpert:
             self.signature = dict(rgb_shape=meta["rgb_shape"], state_dim=meta["state_dim"])
             self.policy_obs_fn = image_policy_obs(env, train_args["include_state"])
         self.scale = meta["residual_scale"]
+        self.scale_mode, self.scale_min = train_args.get("residual_scale_mode", "constant"), \
+            train_args.get("residual_scale_min", 0.0)
         self.bounds = (torch.as_tensor(env.single_action_space.low, device=device),
                        torch.as_tensor(env.single_action_space.high, device=device))
 
     @torch.no_grad()
     def __call__(self, obs: dict) -> torch.Tensor:
-        expert_actions = torch.stack([expert(obs) for expert in self.inner], dim=1)
-        policy_obs = with_expert_action(self.policy_obs_fn(obs), expert_actions.flatten(1))
+        actions, returned = consult(self.inner, obs)
+        expert_actions = torch.stack(actions, dim=1)
+        shown, scale = expert_actions.flatten(1), self.scale
+        if self.scale_mode == "adaptive":  # as the wrapper trained it: the per-env scale, shown to the policy
+            confidence = expert_confidence(self.inner, obs, expert_actions, returned, self.bounds)
+            scale = adaptive_scale(confidence, self.scale, self.scale_min)[:, None]
+            shown = torch.cat([shown, scale], dim=1)
+        policy_obs = with_expert_action(self.policy_obs_fn(obs), shown)
         signature = _obs_signature(policy_obs)
         if signature != self.signature:
             raise UsageError(f"checkpoint '{self.path}' was trained on observations {self.signature} but "
                              f"{self.env_id} gives {signature}")
-        return compose_action(expert_actions, self.actor(policy_obs), self.scale, self.fusion, bounds=self.bounds)[0]
+        return compose_action(expert_actions, self.actor(policy_obs), scale, self.fusion, bounds=self.bounds)[0]
 
 
 MODEL_FORMATS = ("a checkpoint of these scripts, a state dict of the Agent of ManiSkill's PPO baselines (ppo.py, "

@@ -114,6 +114,10 @@ class Args:
     """constant | linear: linear moves the residual scale from --residual-scale to --residual-scale-final"""
     residual_scale_final: Optional[float] = None
     """the residual scale at the end of training (with --residual-scale-schedule linear)"""
+    residual_scale_mode: str = "constant"
+    """constant, or adaptive: each env's residual scale falls to --residual-scale-min as its expert is confident"""
+    residual_scale_min: float = 0.0
+    """the residual scale where the expert is fully confident (--residual-scale-mode adaptive)"""
     fusion: str = "mean"
     """how several experts form the base action: mean | learned (softmax weights the policy outputs)"""
 
@@ -347,6 +351,7 @@ def check_args(args: Args) -> None:
         ("--init-logstd", args.init_logstd, "finite"),
         ("--residual-scale", args.residual_scale, ">= 0"),
         ("--residual-scale-final", args.residual_scale_final, ">= 0"),
+        ("--residual-scale-min", args.residual_scale_min, ">= 0"),
         ("--expert-action-noise", args.expert_action_noise, ">= 0"),
         ("--ik-gain", args.ik_gain, "> 0"),
         ("--ik-calibration-mm", args.ik_calibration_mm, ">= 0"),
@@ -373,6 +378,12 @@ def check_args(args: Args) -> None:
         raise util.UsageError("--residual-scale-schedule linear needs --residual-scale-final")
     if args.residual_scale_schedule == "constant" and args.residual_scale_final is not None:
         raise util.UsageError("--residual-scale-final needs --residual-scale-schedule linear")
+    try:  # the minimum holds under every scale the schedule reaches
+        for scale in (args.residual_scale, args.residual_scale_final):
+            util.check_scale_mode(args.residual_scale_mode, args.residual_scale if scale is None else scale,
+                                  args.residual_scale_min)
+    except ValueError as err:
+        raise util.UsageError(str(err)) from None
     if args.evaluate and args.checkpoint is None:
         raise util.UsageError("--evaluate needs --checkpoint PATH")
     if args.evaluate and args.resume:
@@ -497,7 +508,8 @@ def make_envs(args: Args, backend: str):
                                       ik_calibration=experts.calibration(args), model_path=args.model_path,
                                       expert_fn=args.expert_fn, image_agent=Agent)
     eval_envs = util.ExpertResidualWrapper(eval_envs, expert_fns, args.residual_scale, args.clip_final_action,
-                                           fusion=args.fusion,
+                                           fusion=args.fusion, residual_scale_mode=args.residual_scale_mode,
+                                           residual_scale_min=args.residual_scale_min,
                                            policy_obs_fn=util.image_policy_obs(eval_envs, args.include_state))
     envs = None
     if not args.evaluate:
@@ -506,6 +518,7 @@ def make_envs(args: Args, backend: str):
         envs = util.ExpertResidualWrapper(
             train_backend, expert_fns, args.residual_scale, args.clip_final_action,
             expert_action_noise=args.expert_action_noise, fusion=args.fusion,
+            residual_scale_mode=args.residual_scale_mode, residual_scale_min=args.residual_scale_min,
             policy_obs_fn=util.image_policy_obs(train_backend, args.include_state))
     obs, _ = eval_envs.reset(seed=args.seed + 1_000_000)
     return envs, eval_envs, obs

@@ -47,7 +47,8 @@ def image_policy_obs(env, include_state: bool = True) -> Callable[[dict], dict]:
 
 
 def with_expert_action(policy_obs: Obs, expert_action: torch.Tensor) -> Obs:
-    """``[policy_obs, expert_action]``; for image policies the expert action joins the state part."""
+    """``[policy_obs, expert_action]``; for image policies the expert action joins the state part. Under adaptive
+    residual scaling ``expert_action`` ends with the env's residual scale."""
     if isinstance(policy_obs, dict):
         return {**policy_obs, "state": torch.cat([policy_obs["state"], expert_action], dim=-1)}
     return torch.cat([policy_obs, expert_action], dim=-1)
@@ -55,6 +56,43 @@ def with_expert_action(policy_obs: Obs, expert_action: torch.Tensor) -> Obs:
 
 FUSIONS = ("mean", "learned")
 SCALE_SCHEDULES = ("constant", "linear")
+SCALE_MODES = ("constant", "adaptive")
+
+
+def check_scale_mode(mode: str, scale: float, scale_min: float) -> None:
+    if mode not in SCALE_MODES:
+        raise ValueError(f"--residual-scale-mode must be one of {', '.join(SCALE_MODES)}, not '{mode}'")
+    if not 0 <= scale_min <= scale:
+        raise ValueError(f"--residual-scale-min must be between 0 and --residual-scale ({scale}), got {scale_min}")
+
+
+def consult(experts: list, obs: dict) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
+    """Every expert's action for ``obs``, and the confidence of those that return ``(action, confidence)``."""
+    outputs = [expert(obs) for expert in experts]
+    return ([out[0] if isinstance(out, tuple) else out for out in outputs],
+            [out[1] if isinstance(out, tuple) else None for out in outputs])
+
+
+def expert_confidence(experts: list, obs: dict, expert_actions: torch.Tensor, returned: list,
+                      bounds: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """[N] in [0, 1]: how far the experts can be trusted on ``obs``. Each expert's own confidence (returned with its
+    action, else its ``confidence(obs)``, else 1) averaged over the experts; with several, times their agreement,
+    1 - their spread: the largest range across experts of any action entry, over the width of its bounds."""
+    num_envs = expert_actions.shape[0]
+    own = [c if c is not None else expert.confidence(obs) if hasattr(expert, "confidence")
+           else torch.ones(num_envs, device=expert_actions.device) for expert, c in zip(experts, returned)]
+    confidence = torch.stack([c.float() for c in own]).mean(dim=0)
+    if len(experts) > 1:
+        low, high = bounds
+        spread = ((expert_actions.amax(dim=1) - expert_actions.amin(dim=1)) / (high - low)).amax(dim=1)
+        confidence = confidence * (1 - spread.clamp(0, 1))
+    return confidence.clamp(0, 1)
+
+
+def adaptive_scale(confidence: torch.Tensor, scale: float, scale_min: float) -> torch.Tensor:
+    """Per env, ``scale_min + (scale - scale_min) * (1 - confidence)``: a confident expert lets the residual
+    only nudge it, an unsure one gives it full authority."""
+    return scale_min + (scale - scale_min) * (1 - confidence)
 
 
 def check_fusion(fusion: str, num_experts: int) -> None:
@@ -64,13 +102,15 @@ def check_fusion(fusion: str, num_experts: int) -> None:
         raise ValueError("--fusion learned mixes several experts; give at least two, e.g. --expert-type ik,zero")
 
 
-def compose_action(expert_actions: torch.Tensor, policy_action: torch.Tensor, residual_scale: float,
+def compose_action(expert_actions: torch.Tensor, policy_action: torch.Tensor,
+                   residual_scale: Union[float, torch.Tensor],
                    fusion: str = "mean", applied: Optional[torch.Tensor] = None,
                    bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The executed action ``clip(base + residual_scale * residual)`` and its base: the one place the action is
     composed (the wrapper for training and eval, the model expert for a checkpoint's own expert).
 
-    ``expert_actions`` is [N, E, A], one action per expert. ``policy_action`` is [N, A] (the residual), followed
+    ``expert_actions`` is [N, E, A], one action per expert; ``residual_scale`` a number, or [N, 1] per env under
+    adaptive scaling. ``policy_action`` is [N, A] (the residual), followed
     by E fusion logits with ``fusion="learned"``. The base is the experts' mean, or with "learned" their
     ``softmax(logits)``-weighted mix; zero logits give the mean. Envs where ``applied`` is False ignore the whole
     policy action and execute the experts' mean alone. ``bounds`` (low, high) clips the action; None leaves it.
@@ -154,8 +194,12 @@ class ExpertResidualWrapper:
     the policy's action on this step.
 
     Build it from a backend (``env=make_env(...)``) or from ``env_id`` plus ``make_env`` keyword args.
-    ``expert_policy_fn`` is a callable, structured observation -> [num_envs, action_dim] tensor, or a
-    list of them.
+    ``expert_policy_fn`` is a callable, structured observation -> [num_envs, action_dim] tensor (or
+    ``(action, confidence)``), or a list of them.
+
+    ``residual_scale_mode="adaptive"``: each env's scale is ``adaptive_scale(confidence)`` between
+    ``residual_scale_min`` and ``residual_scale``, from the experts' confidence in the observation the policy
+    acts on; it joins the policy observation after the expert actions, and is the scale the env executes.
     """
 
     def __init__(
@@ -167,6 +211,8 @@ class ExpertResidualWrapper:
         expert_action_noise: float = 0.0,
         policy_obs_fn: Callable[[dict], Obs] = flat_state,
         fusion: str = "mean",
+        residual_scale_mode: str = "constant",
+        residual_scale_min: float = 0.0,
         timer: Optional["PhaseTimer"] = None,
         env_id: Optional[str] = None,
         num_envs: int = 1,
@@ -192,7 +238,8 @@ class ExpertResidualWrapper:
             raise ValueError("give the expert (expert_policy_fn), e.g. experts.ZeroExpert(action_dim) for none")
         self.experts = list(expert_policy_fn) if isinstance(expert_policy_fn, (list, tuple)) else [expert_policy_fn]
         check_fusion(fusion, len(self.experts))
-        self.fusion = fusion
+        check_scale_mode(residual_scale_mode, residual_scale, residual_scale_min)
+        self.fusion, self.scale_mode, self.scale_min = fusion, residual_scale_mode, residual_scale_min
         self.policy_action_dim = self.action_dim + (len(self.experts) if fusion == "learned" else 0)
         self.residual_scale = residual_scale
         self.residual_prob = 1.0
@@ -201,22 +248,25 @@ class ExpertResidualWrapper:
         self.policy_obs_fn = policy_obs_fn
         self.timer = timer or PhaseTimer(self.device)  # the experts' time, under "expert"
         self.expert_actions: Optional[torch.Tensor] = None  # [N, experts, A] for the current observation
+        self.env_scale: Optional[torch.Tensor] = None  # [N, 1] under adaptive scaling, for the current observation
         self._experts_checked = False
 
-    def _expert_actions(self, obs: dict, noise: bool = True) -> torch.Tensor:
+    def _observe(self, obs: dict, noise: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The experts' actions for ``obs`` and, under adaptive scaling, each env's residual scale."""
         with self.timer("expert"):
-            return self._call_experts(obs, noise)
-
-    def _call_experts(self, obs: dict, noise: bool) -> torch.Tensor:
-        actions = [expert(obs) for expert in self.experts]
-        if not self._experts_checked:  # at the first call only: the finiteness check waits for the GPU
-            for expert, action in zip(self.experts, actions):
-                self._check_expert_action(expert, action)
-            self._experts_checked = True
-        actions = torch.stack(actions, dim=1)
-        if noise and self.expert_action_noise > 0:
-            actions = actions + self.expert_action_noise * torch.randn_like(actions)
-        return actions
+            actions, returned = consult(self.experts, obs)
+            if not self._experts_checked:  # at the first call only: the finiteness check waits for the GPU
+                for expert, action in zip(self.experts, actions):
+                    self._check_expert_action(expert, action)
+                self._experts_checked = True
+            actions = torch.stack(actions, dim=1)
+            scale = None
+            if self.scale_mode == "adaptive":
+                confidence = expert_confidence(self.experts, obs, actions, returned, (self.low, self.high))
+                scale = adaptive_scale(confidence, self.residual_scale, self.scale_min)[:, None]
+            if noise and self.expert_action_noise > 0:
+                actions = actions + self.expert_action_noise * torch.randn_like(actions)
+            return actions, scale
 
     def _check_expert_action(self, expert, action) -> None:
         """A user's expert that returns the wrong thing is named in one line, before the env sees its action."""
@@ -234,13 +284,14 @@ class ExpertResidualWrapper:
         module = getattr(expert, "__module__", "") or type(expert).__module__
         raise UsageError(f"expert {module}.{name} must return {want}; it returned {got}")
 
-    def _policy_obs(self, obs: dict, expert_actions: torch.Tensor) -> Obs:
-        return with_expert_action(self.policy_obs_fn(obs), expert_actions.flatten(1))
+    def _policy_obs(self, obs: dict, expert_actions: torch.Tensor, scale: Optional[torch.Tensor]) -> Obs:
+        shown = expert_actions.flatten(1) if scale is None else torch.cat([expert_actions.flatten(1), scale], dim=1)
+        return with_expert_action(self.policy_obs_fn(obs), shown)
 
     def reset(self, *, seed=None, options=None):
         obs, info = self.env.reset(seed=seed, options=options)
-        self.expert_actions = self._expert_actions(obs)
-        return self._policy_obs(obs, self.expert_actions), info
+        self.expert_actions, self.env_scale = self._observe(obs)
+        return self._policy_obs(obs, self.expert_actions, self.env_scale), info
 
     def get_episode_rng(self) -> list[dict]:
         return self.env.get_episode_rng()
@@ -248,15 +299,16 @@ class ExpertResidualWrapper:
     def reset_to_episode_rng(self, state: list[dict]):
         """Resume: restart the envs' episodes and seed streams as ``get_episode_rng()`` saved them."""
         obs, info = self.env.reset_to_episode_rng(state)
-        self.expert_actions = self._expert_actions(obs)
-        return self._policy_obs(obs, self.expert_actions), info
+        self.expert_actions, self.env_scale = self._observe(obs)
+        return self._policy_obs(obs, self.expert_actions, self.env_scale), info
 
     def step(self, policy_action: torch.Tensor):
         policy_action = policy_action.to(self.device)
         # every env applies its residual unless progressive exploration flips coins (which draws randomness)
         applied = None if self.residual_prob >= 1.0 else \
             torch.rand(self.num_envs, device=self.device) < self.residual_prob
-        action, base = compose_action(self.expert_actions, policy_action, self.residual_scale, self.fusion, applied,
+        scale = self.residual_scale if self.env_scale is None else self.env_scale
+        action, base = compose_action(self.expert_actions, policy_action, scale, self.fusion, applied,
                                       (self.low, self.high) if self.clip_final_action else None)
         obs, reward, terminated, truncated, info = self.env.step(action)
         info["residual_applied"] = torch.ones(self.num_envs, dtype=torch.bool, device=self.device) \
@@ -264,11 +316,13 @@ class ExpertResidualWrapper:
         residual = policy_action[:, :self.action_dim]
         expert_abs, residual_abs, final_abs = torch.stack([base, residual, action]).abs().mean((1, 2))
         info["action_stats"] = dict(expert=expert_abs, residual=residual_abs, final=final_abs)
+        if self.env_scale is not None:  # the mean scale the envs executed (logged as actions/residual_scale_...)
+            info["action_stats"]["residual_scale"] = self.env_scale.mean()
         if "final_observation" in info:
             final_obs = info["final_observation"]
-            info["final_observation"] = self._policy_obs(final_obs, self._expert_actions(final_obs, noise=False))
-        self.expert_actions = self._expert_actions(obs)
-        return self._policy_obs(obs, self.expert_actions), reward, terminated, truncated, info
+            info["final_observation"] = self._policy_obs(final_obs, *self._observe(final_obs, noise=False))
+        self.expert_actions, self.env_scale = self._observe(obs)
+        return self._policy_obs(obs, self.expert_actions, self.env_scale), reward, terminated, truncated, info
 
     def render(self) -> torch.Tensor:
         return self.env.render()

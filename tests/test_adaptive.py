@@ -1,0 +1,108 @@
+"""Adaptive residual scaling: each env's scale from its experts' confidence, the action the env executes, the scale
+shown to the policy, and the confidence sources (the IK expert's phases, several experts' agreement)."""
+
+import torch
+
+import experts
+import util
+
+EXPERT_ACTION = torch.tensor([0.1, -0.2, 0.05, 0.0])  # pd_ee_delta_pos: xyz and gripper, all inside the bounds
+RESIDUAL = torch.tensor([0.2, 0.2, -0.4, 0.3])
+
+
+class Recording:
+    """A real backend env that keeps every action sent to it."""
+
+    def __init__(self, env):
+        self.env, self.sent = env, []
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def step(self, action):
+        self.sent.append(action.clone())
+        return self.env.step(action)
+
+
+def confident_in(levels):
+    """A custom expert returning (action, confidence): the same action everywhere, confidence ``levels``."""
+    return lambda obs: (EXPERT_ACTION.repeat(len(levels), 1), torch.tensor(levels))
+
+
+def test_the_scale_follows_confidence_and_is_what_the_env_executes_and_the_policy_sees():
+    env = Recording(util.make_env("PickCube-v1", 3, "cpu", control_mode="pd_ee_delta_pos"))
+    try:
+        # confidence 1, 0 and 0.25 with scale 0.5 and min 0.1: 0.1, 0.5 and 0.1 + 0.4 * 0.75 = 0.4
+        wrapped = util.ExpertResidualWrapper(env, confident_in([1.0, 0.0, 0.25]), residual_scale=0.5,
+                                             residual_scale_mode="adaptive", residual_scale_min=0.1)
+        obs, _ = wrapped.reset(seed=0)
+        want = torch.tensor([0.1, 0.5, 0.4])
+        torch.testing.assert_close(obs[:, -1], want)  # the policy sees its authority
+        torch.testing.assert_close(obs[:, -5:-1], EXPERT_ACTION.repeat(3, 1))
+        for _ in range(2):
+            obs, _, _, _, info = wrapped.step(RESIDUAL.repeat(3, 1))
+            executed = env.sent[-1]
+            # at confidence 1 the action moves by min * residual; at confidence 0 by scale * residual
+            torch.testing.assert_close(executed, EXPERT_ACTION + want[:, None] * RESIDUAL)
+            torch.testing.assert_close(info["action_stats"]["residual_scale"], want.mean())
+
+        constant = util.ExpertResidualWrapper(env, confident_in([1.0, 0.0, 0.25]), residual_scale=0.5)
+        obs, _ = constant.reset(seed=0)
+        constant.step(RESIDUAL.repeat(3, 1))
+        assert obs.shape[1] == wrapped.reset(seed=0)[0].shape[1] - 1, "constant scaling adds no column"
+        torch.testing.assert_close(env.sent[-1], EXPERT_ACTION + 0.5 * RESIDUAL.repeat(3, 1))
+    finally:
+        env.close()
+
+
+def pick_cube_state(tcp, cube, grasped, finger=0.04):
+    """PickCube-v1's state_dict, written by hand for three envs: the TCP and the cube (identity rotations)."""
+    n = len(tcp)
+    identity = torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1)
+    qpos = torch.zeros(n, 9)
+    qpos[:, 7:] = finger
+    return dict(agent=dict(qpos=qpos, qvel=torch.zeros(n, 9)),
+                extra=dict(is_grasped=torch.tensor(grasped), tcp_pose=torch.cat([torch.tensor(tcp), identity], 1),
+                           goal_pos=torch.tensor([[0.0, 0.0, 0.3]]).repeat(n, 1),
+                           obj_pose=torch.cat([torch.tensor(cube), identity], 1)))
+
+
+def test_ik_confidence_by_phase_on_scripted_states():
+    expert = experts.IKExpert("PickCube-v1", "pd_ee_delta_pos")
+    # far above the cube (approach), on the cube with open fingers (closing), holding it (carry)
+    obs = pick_cube_state(tcp=[[0.0, 0.0, 0.2], [0.1, 0.1, 0.02], [0.1, 0.1, 0.02]],
+                          cube=[[0.1, 0.1, 0.02]] * 3, grasped=[False, False, True])
+    expert(obs)
+    assert expert.confidence(obs).tolist() == [experts.TRUST_FREE, experts.TRUST_CONTACT, experts.TRUST_FREE]
+    assert experts.TRUST_FREE == 1.0 and experts.TRUST_CONTACT == 0.5 and experts.TRUST_FINE == 0.0
+
+    # PegInsertionSide: a 10 cm peg (2 cm half width) held 6 cm behind its centre, its head 1 cm before the
+    # mouth of a hole 30 cm away along y (env 0: on the hole's axis, the fine alignment) or 30 cm off it (env 1)
+    gripper_down = torch.tensor([0.0, 1.0, 0.0, 0.0])  # a half turn about x: the TCP's z axis points down
+    hole = torch.tensor([0.0, 0.3, 0.1])
+    peg_centres = torch.stack([hole - torch.tensor([0.21, 0.0, 0.0]), torch.tensor([-0.21, 0.0, 0.1])])
+    qpos = torch.zeros(2, 9)
+    qpos[:, 7:] = 0.02  # fingers closed on 4 cm
+    identity = torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(2, 1)
+    obs = dict(agent=dict(qpos=qpos, qvel=torch.zeros(2, 9)), extra=dict(
+        tcp_pose=torch.cat([peg_centres - torch.tensor([0.06, 0.0, 0.0]), gripper_down.repeat(2, 1)], 1),
+        peg_pose=torch.cat([peg_centres, identity], 1), peg_half_size=torch.tensor([[0.1, 0.02, 0.02]] * 2),
+        box_hole_pose=torch.cat([hole.repeat(2, 1), identity], 1), box_hole_radius=torch.full((2,), 0.023)))
+    peg = experts.IKExpert("PegInsertionSide-v1", "pd_ee_delta_pose")
+    assert peg.confidence(obs).tolist() == [experts.TRUST_FINE, experts.TRUST_FREE]
+
+
+def test_several_experts_are_as_confident_as_they_agree():
+    env = util.make_env("PickCube-v1", 2, "cpu", control_mode="pd_ee_delta_pos")
+    try:
+        # pd_ee_delta_pos bounds are [-1, 1]: actions 0.4 apart on one entry spread 0.4 / 2 = 0.2 -> agreement 0.8
+        left = lambda obs: torch.tensor([[0.2, 0.0, 0.0, 1.0]] * 2)
+        right = lambda obs: (torch.tensor([[-0.2, 0.0, 0.0, 1.0]] * 2), torch.tensor([1.0, 0.5]))
+        wrapped = util.ExpertResidualWrapper(env, [left, right], residual_scale=0.5, residual_scale_mode="adaptive")
+        obs, _ = wrapped.reset(seed=0)
+        # own confidences (1 and 1, then 1 and 0.5) averaged, times the agreement: 0.8 and 0.6
+        torch.testing.assert_close(obs[:, -1], 0.5 * (1 - torch.tensor([0.8, 0.6])))
+        same = util.ExpertResidualWrapper(env, [left, left], residual_scale=0.5, residual_scale_mode="adaptive")
+        torch.testing.assert_close(same.reset(seed=0)[0][:, -1], torch.zeros(2))  # full agreement: no authority
+    finally:
+        env.close()
