@@ -7,7 +7,9 @@ three configurations of a task (--task, see TASKS):
 - ``weak_ik``: residual PPO over an imperfect IK expert: on PickCube-v1 one at a fifth of the gain
   (``--ik-gain 0.28``), on PegInsertionSide-v1 one that perceives the hole 3 mm off
   (``--ik-calibration-mm 3``), both succeeding in well under half the episodes alone;
-- ``ik``: residual PPO over the good IK expert.
+- ``ik``: residual PPO over the good IK expert;
+- ``weak_ik_adaptive``: ``weak_ik`` with adaptive residual scaling (``--residual-scale-mode adaptive``), not
+  in the default list: ``--runs weak_ik:1 weak_ik_adaptive:1 ...`` compares the two.
 
 Each run's eval success_once against env steps comes from its tensorboard events. Each IK expert is
 also measured alone (residual zero) on --expert-episodes episodes, evaluated as ppo.py evaluates.
@@ -48,16 +50,21 @@ TASKS = {
         runs=[("weak_ik", 1), ("ik", 1), ("zero", 1), ("weak_ik", 2), ("ik", 2), ("zero", 2)],
         configs=dict(zero="--expert-type zero --residual-scale 1.0",
                      weak_ik=f"--expert-type ik --ik-gain 0.28 --residual-scale 0.5 {RESIDUAL_TECHNIQUES}",
-                     ik=f"--expert-type ik --ik-gain 1.0 --residual-scale 0.2 {RESIDUAL_TECHNIQUES}")),
+                     ik=f"--expert-type ik --ik-gain 1.0 --residual-scale 0.2 {RESIDUAL_TECHNIQUES}",
+                     weak_ik_adaptive=f"--expert-type ik --ik-gain 0.28 --residual-scale 0.5 {RESIDUAL_TECHNIQUES} "
+                                      f"--residual-scale-mode adaptive --residual-scale-min 0.1")),
     "PegInsertionSide-v1": dict(
         control_mode="pd_ee_delta_pose", total_timesteps=1_000_000,
         ppo_flags="--num-steps 200 --num-minibatches 4 --eval-freq 20",  # an eval every 32000 env steps
         runs=[("weak_ik", 1), ("ik", 1), ("weak_ik", 2), ("ik", 2), ("zero", 1)],
         configs=dict(zero="--expert-type zero --residual-scale 1.0",
                      weak_ik=f"--expert-type ik --ik-calibration-mm 3 --residual-scale 0.2 {RESIDUAL_TECHNIQUES}",
-                     ik=f"--expert-type ik --residual-scale 0.2 {RESIDUAL_TECHNIQUES}")),
+                     ik=f"--expert-type ik --residual-scale 0.2 {RESIDUAL_TECHNIQUES}",
+                     weak_ik_adaptive=f"--expert-type ik --ik-calibration-mm 3 --residual-scale 0.2 "
+                                      f"{RESIDUAL_TECHNIQUES} --residual-scale-mode adaptive --residual-scale-min 0.05")),
 }
-LABELS = dict(zero="PPO (zero expert)", weak_ik="residual PPO, imperfect IK", ik="residual PPO, IK")
+LABELS = dict(zero="PPO (zero expert)", weak_ik="residual PPO, imperfect IK", ik="residual PPO, IK",
+              weak_ik_adaptive="residual PPO, imperfect IK, adaptive scale")
 
 
 @dataclass
@@ -176,7 +183,7 @@ def plot(runs: list[dict], alone: dict, path: str, task: dict, args: Args) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = dict(zero="tab:gray", weak_ik="tab:orange", ik="tab:blue")
+    colors = dict(zero="tab:gray", weak_ik="tab:orange", ik="tab:blue", weak_ik_adaptive="tab:green")
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for run in runs:
         first = run["seed"] == min(r["seed"] for r in runs if r["config"] == run["config"])
@@ -221,8 +228,8 @@ def main():
     bench_start = time.time()
 
     alone = {}
-    for config in ("weak_ik", "ik"):
-        if any(c == config for c, _ in planned):
+    for config, users in (("weak_ik", ("weak_ik", "weak_ik_adaptive")), ("ik", ("ik",))):
+        if any(c in users for c, _ in planned):
             alone[config] = expert_alone(config, task, args)
             print(f"{config} expert alone ({task['configs'][config].split(' --residual')[0]}): success_once "
                   f"{alone[config]:.3f} on {args.expert_episodes} episodes", flush=True)
@@ -238,13 +245,15 @@ def main():
         plot(runs, alone, os.path.join(args.out, "learning.png"), task, args)
 
     summary = {}
-    print(f"\n{'config':<9}{'seed':>5}{'final':>8}{'max':>7}{'min':>7}{'first >= 0.9':>14}{'minutes':>9}")
+    print(f"\n{'config':<18}{'seed':>5}{'final':>8}{'max':>7}{'min':>7}{'first >= 0.9':>14}{'lowest after':>14}"
+          f"{'minutes':>9}")
     for run in runs:
         reached = [s for s, v in zip(run["steps"], run["success_once"]) if v >= 0.9]
+        after = [v for s, v in zip(run["steps"], run["success_once"]) if reached and s > reached[0]]
         run.update(final=run["success_once"][-1], max=max(run["success_once"]), min=min(run["success_once"]),
-                   first_step_at_0_9=reached[0] if reached else None)
-        print(f"{run['config']:<9}{run['seed']:>5}{run['final']:>8.2f}{run['max']:>7.2f}{run['min']:>7.2f}"
-              f"{str(run['first_step_at_0_9']):>14}{run['seconds'] / 60:>9.1f}")
+                   first_step_at_0_9=reached[0] if reached else None, lowest_after_0_9=min(after) if after else None)
+        print(f"{run['config']:<18}{run['seed']:>5}{run['final']:>8.2f}{run['max']:>7.2f}{run['min']:>7.2f}"
+              f"{str(run['first_step_at_0_9']):>14}{str(run['lowest_after_0_9']):>14}{run['seconds'] / 60:>9.1f}")
     by_config = {c: [r for r in runs if r["config"] == c] for c in task["configs"]}
     if by_config["weak_ik"]:
         summary["weak_ik_seeds"] = len(by_config["weak_ik"])
