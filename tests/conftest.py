@@ -89,3 +89,17 @@ def run_main(script, args, cwd):
         sys.argv = argv
         os.chdir(here)
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+class RecordingEnv:
+    """Forwards to a real backend and records the actions it is asked to execute."""
+
+    def __init__(self, env):
+        self.env, self.executed = env, []
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def step(self, action):
+        self.executed.append(action.clone())
+        return self.env.step(action)

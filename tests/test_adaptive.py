@@ -5,23 +5,10 @@ import torch
 
 import experts
 import util
+from conftest import RecordingEnv
 
 EXPERT_ACTION = torch.tensor([0.1, -0.2, 0.05, 0.0])  # pd_ee_delta_pos: xyz and gripper, all inside the bounds
 RESIDUAL = torch.tensor([0.2, 0.2, -0.4, 0.3])
-
-
-class Recording:
-    """A real backend env that keeps every action sent to it."""
-
-    def __init__(self, env):
-        self.env, self.sent = env, []
-
-    def __getattr__(self, name):
-        return getattr(self.env, name)
-
-    def step(self, action):
-        self.sent.append(action.clone())
-        return self.env.step(action)
 
 
 def confident_in(levels):
@@ -30,7 +17,7 @@ def confident_in(levels):
 
 
 def test_the_scale_follows_confidence_and_is_what_the_env_executes_and_the_policy_sees():
-    env = Recording(util.make_env("PickCube-v1", 3, "cpu", control_mode="pd_ee_delta_pos"))
+    env = RecordingEnv(util.make_env("PickCube-v1", 3, "cpu", control_mode="pd_ee_delta_pos"))
     try:
         # confidence 1, 0 and 0.25 with scale 0.5 and min 0.1: 0.1, 0.5 and 0.1 + 0.4 * 0.75 = 0.4
         wrapped = util.ExpertResidualWrapper(env, confident_in([1.0, 0.0, 0.25]), residual_scale=0.5,
@@ -41,7 +28,7 @@ def test_the_scale_follows_confidence_and_is_what_the_env_executes_and_the_polic
         torch.testing.assert_close(obs[:, -5:-1], EXPERT_ACTION.repeat(3, 1))
         for _ in range(2):
             obs, _, _, _, info = wrapped.step(RESIDUAL.repeat(3, 1))
-            executed = env.sent[-1]
+            executed = env.executed[-1]
             # at confidence 1 the action moves by min * residual; at confidence 0 by scale * residual
             torch.testing.assert_close(executed, EXPERT_ACTION + want[:, None] * RESIDUAL)
             torch.testing.assert_close(info["action_stats"]["residual_scale"], want.mean())
@@ -50,7 +37,7 @@ def test_the_scale_follows_confidence_and_is_what_the_env_executes_and_the_polic
         obs, _ = constant.reset(seed=0)
         constant.step(RESIDUAL.repeat(3, 1))
         assert obs.shape[1] == wrapped.reset(seed=0)[0].shape[1] - 1, "constant scaling adds no column"
-        torch.testing.assert_close(env.sent[-1], EXPERT_ACTION + 0.5 * RESIDUAL.repeat(3, 1))
+        torch.testing.assert_close(env.executed[-1], EXPERT_ACTION + 0.5 * RESIDUAL.repeat(3, 1))
     finally:
         env.close()
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import util
+from conftest import RecordingEnv
 from experts import ZeroExpert
 
 ENV_ID = "PickCube-v1"
@@ -21,20 +22,6 @@ class ConstantExpert:
         assert isinstance(obs, dict) and "extra" in obs, "experts receive the structured observation"
         n = obs["agent"]["qpos"].shape[0]
         return self.action.expand(n, -1).clone()
-
-
-class RecordingEnv:
-    """Forwards to a real backend and records the actions it is asked to execute."""
-
-    def __init__(self, env):
-        self.env, self.executed = env, []
-
-    def __getattr__(self, name):
-        return getattr(self.env, name)
-
-    def step(self, action):
-        self.executed.append(action.clone())
-        return self.env.step(action)
 
 
 @pytest.fixture(scope="module")
