@@ -7,7 +7,7 @@ import torch
 
 import experts
 import util
-from conftest import TINY, run_main
+from conftest import run_main
 
 # PickCube-v1 in pd_joint_delta_pos, ManiSkill's default control mode: the flat "state" observation is the
 # state_dict's leaves in order (qpos 9, qvel 9, then the task's extras), 42 numbers; actions are 8 numbers
@@ -58,9 +58,10 @@ class Policy(torch.nn.Module):
 
 
 def closed_loop(path, forward, obs_mode="state_dict", steps=4):
-    """Act with the model expert on 2 envs for a few steps, its action executed; at every step the action must
-    equal ``forward`` of the flat state built by hand."""
-    env = util.make_env("PickCube-v1", 2, "cpu", obs_mode=obs_mode, control_mode="pd_joint_delta_pos")
+    """Act with the model expert on one env (ManiSkill's own, in this process) for a few steps, its action
+    executed; at every step the action must equal ``forward`` of the flat state built by hand."""
+    cameras = dict(sensor_configs=dict(width=36, height=36)) if "rgb" in obs_mode else {}
+    env = util.make_env("PickCube-v1", 1, "physx_cpu", obs_mode=obs_mode, control_mode="pd_joint_delta_pos", **cameras)
     try:
         expert = experts.make_expert("model", "PickCube-v1", env, model_path=str(path))
         obs, _ = env.reset(seed=3)
@@ -99,8 +100,13 @@ def test_an_exported_program_acts_as_the_expert(tmp_path):
         closed_loop(tmp_path / "policy.pt2", policy)
 
 
+# one env each for training and eval: the refusal comes at the expert's first call
+ONE_ENV = ["--sim-backend", "cpu", "--num-envs", "1", "--num-eval-envs", "1", "--num-steps", "8",
+           "--num-minibatches", "1", "--total-timesteps", "8", "--eval-reconfiguration-freq", "0"]
+
+
 def refused(tmp_path, *flags):
-    proc = run_main("ppo.py", [*TINY, "--expert-type", "model", *flags, "--output-dir", str(tmp_path / "o")],
+    proc = run_main("ppo.py", [*ONE_ENV, "--expert-type", "model", *flags, "--output-dir", str(tmp_path / "o")],
                     cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "o").exists(), "a refused run writes nothing"
@@ -115,8 +121,15 @@ def test_a_policy_of_the_wrong_size_names_both_sizes(tmp_path):
     assert "--control-mode must be the one the policy was trained in" in line, line
 
     torch.jit.save(torch.jit.script(Policy()), tmp_path / "policy.ts")
-    line = refused(tmp_path, "--model-path", str(tmp_path / "policy.ts"), "--control-mode", "pd_ee_delta_pos")
-    assert "returns [" in line and ", 8] for a [" in line and "takes 4-dim actions" in line, line
+    env = util.make_env("PickCube-v1", 1, "physx_cpu", control_mode="pd_ee_delta_pos")
+    try:
+        expert = experts.make_expert("model", "PickCube-v1", env, model_path=str(tmp_path / "policy.ts"))
+        with pytest.raises(util.UsageError, match=r"returns \[1, 8\] for a \[1, 42\] observation, but PickCube-v1 "
+                                                  r"in control mode pd_ee_delta_pos gives 42-dim state observations "
+                                                  r"and takes 4-dim actions"):
+            expert(env.reset(seed=0)[0])
+    finally:
+        env.close()
 
 
 @pytest.mark.parametrize("keys, message", [

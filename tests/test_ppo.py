@@ -130,7 +130,7 @@ def test_checkpoint_and_output_misuse_is_refused(trained, tmp_path):
     model = ["--expert-type", "model", "--model-path"]
     cases = [
         ([*model, str(text)], "cannot be loaded"),
-        ([*model, str(foreign)], "is not a checkpoint"),
+        ([*model, str(foreign)], "has an unknown layout (keys weights"),
         ([*model, str(other_obs_dim)], "trained on observations {'obs_dim': 51} but PickCube-v1 gives {'obs_dim': 50}"),
         (["--resume", "--checkpoint", str(model_only)], "holds no resume state"),
         (["--resume", "--checkpoint", good, "--env-id", "PushCube-v1"], "env_id=PickCube-v1"),
