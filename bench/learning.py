@@ -135,6 +135,17 @@ def _from_root(path: str) -> str:
     return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
 
 
+def _new_run_dir(runs: str, before: set, prefix: str, proc: subprocess.Popen) -> str:
+    """The directory ppo.py creates for the run just launched (it names it by the clock)."""
+    while True:
+        new = [d for d in (os.listdir(runs) if os.path.isdir(runs) else []) if d.startswith(prefix) and d not in before]
+        if new:
+            return os.path.join(runs, new[0])
+        if proc.poll() is not None:
+            raise util.FatalError(f"the run {prefix}* ended without creating its directory in {runs}")
+        time.sleep(1)
+
+
 def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
     runs = os.path.join(args.out, "runs")
     exp_name = f"{config}_s{seed}"
@@ -156,22 +167,40 @@ def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
             return record
     if not args.train:
         return None
-    print(f"[{time.strftime('%H:%M:%S')}] {config} seed {seed}: {shlex.join(command[1:])}", flush=True)
+    # A run that an earlier invocation started with this command and did not finish (a session that ended, a
+    # machine that went down) goes on from its newest checkpoint, in its own directory.
+    started_path = os.path.join(args.out, "logs", f"{exp_name}.started.json")
+    resume_from = None
+    if not args.rerun and os.path.isfile(started_path):
+        with open(started_path) as f:
+            started = json.load(f)
+        latest = os.path.join(started["run_dir"], "latest.pt")
+        if started["command"] == shlex.join(command[1:]) and os.path.isfile(latest):
+            resume_from = latest
+    runs_before = set(os.listdir(runs)) if os.path.isdir(runs) else set()
+    launch = command + (["--resume", "--checkpoint", resume_from] if resume_from else [])
+    print(f"[{time.strftime('%H:%M:%S')}] {config} seed {seed}: {shlex.join(launch[1:])}", flush=True)
     start = time.time()
     # One OpenMP thread: on a machine shared with other jobs, a second thread spinning at every barrier
     # made the update tens of times slower, and a batch of 400 samples gains nothing from it.
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    with open(log_path, "w") as log:
-        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    with open(log_path, "a" if resume_from else "w") as log:
+        proc = subprocess.Popen(launch, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        if not resume_from:
+            run_dir = _new_run_dir(runs, runs_before, f"{args.task}__{exp_name}__", proc)
+            with open(started_path, "w") as f:
+                json.dump(dict(command=shlex.join(command[1:]), run_dir=run_dir), f)
+        proc.wait()
     seconds = time.time() - start
     if proc.returncode != 0:
         raise util.FatalError(f"{exp_name} failed (exit code {proc.returncode}); see {log_path}")
-    run_dir = max((os.path.join(runs, d) for d in os.listdir(runs) if d.startswith(f"{args.task}__{exp_name}__")),
-                  key=os.path.getmtime)
+    run_dir = os.path.dirname(resume_from) if resume_from else run_dir
     curve = eval_curve(run_dir)
     print(f"  {seconds / 60:.1f} min, eval success_once: " + " ".join(f"{v:.2f}" for _, v in curve), flush=True)
     record = dict(config=config, seed=seed, command=shlex.join(command[1:]), run_dir=run_dir, seconds=seconds,
                   steps=[s for s, _ in curve], success_once=[v for _, v in curve])
+    if resume_from:  # the wall clock above is the last invocation's only
+        record["resumed_from"] = resume_from
     with open(record_path, "w") as f:
         json.dump(record, f, indent=2)
     return record
