@@ -5,7 +5,7 @@ Every expert satisfies one interface, ``expert(obs: dict) -> torch.Tensor``, whe
 ``ExpertResidualWrapper`` calls it once per step; any plain function with that signature works too.
 
 - ``ZeroExpert``: no prior; the residual is the whole action.
-- ``IKExpert``: a scripted Cartesian controller per task, in the env's control mode.
+- ``IKExpert``: a scripted controller per task (position and orientation), in the env's control mode.
 - ``ModelExpert``: a policy from a checkpoint of these scripts, acting deterministically.
 - ``StatePolicyExpert``: a policy trained elsewhere, on ManiSkill's flat "state" observation: the Agent of
   ManiSkill's PPO baselines (its state dict), a TorchScript module or an exported program.
