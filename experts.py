@@ -29,7 +29,7 @@ from mani_skill.utils.geometry.rotation_conversions import (axis_angle_to_matrix
                                                              matrix_to_quaternion, quaternion_to_matrix)
 
 from util import (UsageError, adaptive_scale, check_checkpoint, check_fusion, compose_action, consult,
-                  expert_confidence, flat_state, image_policy_obs, load_checkpoint, with_expert_action)
+                  expert_confidence, first_line, flat_state, image_policy_obs, load_checkpoint, with_expert_action)
 
 ExpertFn = Callable[[dict], torch.Tensor]
 EXPERT_TYPES = ("zero", "ik", "model", "custom")
@@ -67,7 +67,6 @@ HOVER = 0.05  # clearance above an object before descending onto it (m)
 ALIGN_TOL = 0.01  # xy distance under which the gripper counts as above its target (m)
 TURN_TOL = 0.1  # rotation (rad) under which the gripper counts as turned to its target
 OPEN, CLOSED = 1.0, -1.0
-DOWN = (0.0, 0.0, -1.0)
 # How far a plan's phase can be trusted (its confidence, for adaptive residual scaling): moving through free
 # space to a known pose is reliable; closing on an object and other contact (a grasp, a push, setting an
 # object down) is where a script meets the unmodelled; fine alignment and insertion, millimetres from a
@@ -186,7 +185,8 @@ def _push_towards_goal(obs: dict, toward: float):
 def _top_down_grasp(obs: dict, tcp_p, tcp_r, point, closing, grasped, across):
     """Turn the gripper to point down with its fingers closing along ``closing`` (horizontal), hover over
     ``point``, descend onto it and close on an object ``across`` wide."""
-    down = torch.tensor(DOWN, device=tcp_p.device).expand_as(tcp_p)
+    down = torch.zeros_like(tcp_p)
+    down[:, 2] = -1.0
     # the gripper is symmetric under half a turn about its axis: take the closing direction nearer its own
     closing = torch.where(((closing * tcp_r[:, :, 1]).sum(1) < 0)[:, None], -closing, closing)
     target_r = _frame(closing, down)
@@ -283,7 +283,8 @@ def _plan_lift_peg_upright(obs: dict):
     peg_p, peg_r = _pose(extra["obj_pose"])
     half_length, half_width = 0.12, 0.025  # LiftPegUpright-v1's fixed peg
     peg_x = peg_r[:, :, 0]
-    up = torch.tensor([0.0, 0.0, 1.0], device=tcp_p.device).expand_as(tcp_p)
+    up = torch.zeros_like(tcp_p)
+    up[:, 2] = 1.0
     grasped = _holding(obs, tcp_p, peg_p, peg_x, half_length, 2 * half_width)
     # grip the end with the larger x (the robot stands at -x); the other end will hang down
     grip_side = torch.where(peg_x[:, :1] >= 0, 1.0, -1.0)
@@ -378,10 +379,12 @@ class CalibrationError:
 
     def __call__(self, target: torch.Tensor) -> torch.Tensor:
         """A target's position [N, 3] or pose [N, 7] -> where the expert perceives it."""
-        p = target[:, :3] + self.shift.to(target.device)
+        if self.shift.device != target.device:
+            self.shift, self.rotation = self.shift.to(target.device), self.rotation.to(target.device)
+        p = target[:, :3] + self.shift
         if target.shape[1] == 3:
             return p
-        q = matrix_to_quaternion(self.rotation.to(target.device) @ quaternion_to_matrix(target[:, 3:7]))
+        q = matrix_to_quaternion(self.rotation @ quaternion_to_matrix(target[:, 3:7]))
         return torch.cat([p, q], dim=1)
 
 
@@ -557,11 +560,11 @@ def read_model(path: str, device: torch.device = torch.device("cpu")) -> tuple[s
         if any(name.endswith("/archive_format") for name in names):
             return "exported", torch.export.load(path).module().to(device)
     except Exception as err:
-        raise UsageError(f"model '{path}' cannot be loaded ({_first_line(err)})") from None
+        raise UsageError(f"model '{path}' cannot be loaded ({first_line(err)})") from None
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:
-        raise UsageError(f"model '{path}' cannot be loaded ({_first_line(err)}); expected {MODEL_FORMATS}") from None
+        raise UsageError(f"model '{path}' cannot be loaded ({first_line(err)}); expected {MODEL_FORMATS}") from None
     if isinstance(payload, dict) and "model" in payload and "meta" in payload:
         return "suite", payload
     keys = list(payload) if isinstance(payload, dict) else []
@@ -575,10 +578,6 @@ def read_model(path: str, device: torch.device = torch.device("cpu")) -> tuple[s
         return "maniskill", {k.removeprefix("_orig_mod."): v for k, v in payload.items()}
     raise UsageError(f"model '{path}' has an unknown layout (keys {', '.join(keys[:4]) or 'none'}...); expected "
                      f"{MODEL_FORMATS}")
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 class StatePolicyExpert:
@@ -611,7 +610,7 @@ class StatePolicyExpert:
             action = self.policy(state)
         except Exception as err:
             raise self._mismatch(state.shape[1], f"fails on a [{state.shape[0]}, {state.shape[1]}] observation "
-                                                 f"({_first_line(err)})") from None
+                                                 f"({first_line(err)})") from None
         if not isinstance(action, torch.Tensor) or tuple(action.shape) != (state.shape[0], self.action_dim):
             shape = list(action.shape) if isinstance(action, torch.Tensor) else type(action).__name__
             raise self._mismatch(state.shape[1], f"returns {shape} for a [{state.shape[0]}, {state.shape[1]}] "

@@ -33,7 +33,7 @@ import torch
 import mani_skill.envs  # noqa: F401  (registers the ManiSkill tasks with gymnasium)
 from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
-from .run import STOP_SIGNALS, FatalError, UsageError, WorkerDied, random_state, saveable_random_state
+from .run import STOP_SIGNALS, FatalError, UsageError, WorkerDied, first_line, random_state, saveable_random_state
 
 
 def check_env_id(env_id: str) -> None:
@@ -273,9 +273,9 @@ def _gym_make(env_id: str, **kwargs) -> gym.Env:
     try:
         return gym.make(env_id, **kwargs)
     except (AssertionError, TypeError, ValueError, NotImplementedError) as err:
-        raise UsageError(f"cannot create {env_id}: {_first_line(err)}") from None
+        raise UsageError(f"cannot create {env_id}: {first_line(err)}") from None
     except Exception as err:
-        reason = _first_line(err)
+        reason = first_line(err)
         if "physical device" in reason or "Vulkan" in reason or "vk::" in reason:
             hint = NO_CUDA_VULKAN if torch.cuda.is_available() else "run scripts/ensure_vulkan.sh (make setup)"
         elif isinstance(err, torch.OutOfMemoryError) or "out of memory" in reason.lower():
@@ -283,10 +283,6 @@ def _gym_make(env_id: str, **kwargs) -> gym.Env:
         else:
             hint = "the traceback above shows where"
         raise FatalError(f"cannot create {env_id} ({kwargs.get('sim_backend')}): {reason}; {hint}") from err
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _cpu_worker(conn: Connection, worker_index: int, env_id: str, env_slice: tuple[int, int],

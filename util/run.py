@@ -101,6 +101,11 @@ class GracefulStop:
 # ----------------------------------------------------------------------------------------------
 # Validation shared by every script
 # ----------------------------------------------------------------------------------------------
+def first_line(err: BaseException) -> str:
+    """An exception's message in one line (its type's name when it has none), for one-line errors."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def check_flags(*rules: tuple) -> None:
     """Refuse, in one line, the first ``(flag, value, rule)`` whose value is not a finite number obeying ``rule``:
     "> 0", ">= 1", "in (0, 1]", "in [0, 1]" or "finite". An optional flag left unset (None) passes."""
@@ -394,8 +399,7 @@ def load_checkpoint(path: str, map_location: Union[str, torch.device] = "cpu") -
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, foreign pickle, unreadable file ...
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"checkpoint '{path}' cannot be loaded ({reason}); expected a .pt file written by ppo*.py") from None
+        raise UsageError(f"checkpoint '{path}' cannot be loaded ({first_line(err)}); expected a .pt file written by ppo*.py") from None
     if not isinstance(payload, dict) or "model" not in payload or "meta" not in payload:
         raise UsageError(f"'{path}' is not a checkpoint of these scripts (no 'model' and 'meta' entries)")
     return payload
