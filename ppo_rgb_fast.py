@@ -77,7 +77,7 @@ class Args:
     expert_type: str = "zero"
     """the expert the residual corrects: zero | ik | model | custom, or a comma list (ik,zero) to fuse several"""
     ik_gain: float = 1.0
-    """IK expert gain, 1: the whole error per step (tasks: Pick/Stack/Push/PullCube, PegInsertionSide, LiftPegUpright)"""
+    """IK expert gain, 1: the whole error per step (tasks: Pick/Stack/Push/Pull/PokeCube, PegInsertionSide, LiftPegUpright, PlugCharger)"""
     ik_calibration_mm: float = 0.0
     """IK expert's calibration error: it perceives its task's target (goal, hole) this many millimetres off"""
     ik_calibration_deg: float = 0.0

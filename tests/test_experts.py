@@ -42,8 +42,10 @@ def test_ik_expert_solves_cube_tasks_in_joint_mode(task):
     ("PegInsertionSide-v1", "pd_ee_delta_pose", 3),  # 0.91 alone
     ("PegInsertionSide-v1", "pd_joint_delta_pos", 3),  # 0.99
     ("LiftPegUpright-v1", "pd_ee_delta_pose", 2),  # 0.86
+    ("PokeCube-v1", "pd_ee_delta_pose", 3),  # 0.97
+    ("PlugCharger-v1", "pd_joint_delta_pos", 3),  # 0.93
 ])
-def test_ik_expert_solves_peg_tasks_turning_the_gripper(task, mode, least):
+def test_ik_expert_solves_tasks_turning_the_gripper(task, mode, least):
     assert ik_successes(task, mode, episodes=4) >= least
 
 
@@ -97,7 +99,7 @@ def test_differential_ik_moves_and_turns_tcp_as_commanded():
 
 def test_unsupported_task_or_mode_names_the_supported_ones():
     with pytest.raises(ValueError, match="supported: PickCube-v1, StackCube-v1, PushCube-v1, PullCube-v1, "
-                                         "PegInsertionSide-v1, LiftPegUpright-v1"):
+                                         "PegInsertionSide-v1, LiftPegUpright-v1, PokeCube-v1, PlugCharger-v1"):
         experts.IKExpert("TurnFaucet-v1", "pd_ee_delta_pos")
     with pytest.raises(ValueError, match="supported: pd_ee_delta_pos, pd_ee_delta_pose, pd_joint_delta_pos"):
         experts.IKExpert("PickCube-v1", "pd_joint_vel")

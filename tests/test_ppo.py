@@ -64,7 +64,7 @@ BAD_INPUTS = [
     (["--residual-scale", "-0.5"], "--residual-scale must be >= 0, got -0.5"),
     (["--control-mode", "pd_foo"], "pd_foo not in supported modes"),
     (["--expert-type", "oracle"], "unknown expert type 'oracle'"),
-    (["--expert-type", "ik", "--env-id", "PlugCharger-v1"], "supported: PickCube-v1"),
+    (["--expert-type", "ik", "--env-id", "PushT-v1"], "supported: PickCube-v1"),
     (["--expert-type", "ik", "--control-mode", "pd_joint_pos"], "cannot act on PickCube-v1 in control mode pd_joint_pos"),
     (["--expert-type", "model"], "needs --model-path"),
     (["--expert-type", "model", "--model-path", "nowhere.pt"], "does not exist"),
