@@ -224,8 +224,38 @@ def _move_held(tcp_p, tcp_r, obj_p, obj_r, target_p, target_r):
     return want_p - tcp_p, _rotation_between(tcp_r, want_r)
 
 
-PEG_ENTRY = 0.01  # the head waits this far before the hole's mouth until the peg is aligned (m)
-PEG_OVERSHOOT = 3.0  # sideways correction near the hole's axis, in units of the error
+INSERT_ENTRY = 0.01  # a held object's lead waits this far before the mouth until it is aligned (m)
+INSERT_OVERSHOOT = 3.0  # sideways correction near the insertion axis, in units of the error
+
+
+def _insert_held(tcp_p, tcp_r, obj_p, obj_r, frame_p, frame_r, lead, trail, mouth, full, align_tol, push_step):
+    """Insert a held object along the x axis of the frame (frame_p, frame_r), whose axes the object's end
+    with: its lead point (``lead`` along its own x from its origin) waits INSERT_ENTRY before ``mouth`` (the
+    frame's x where the opening begins) until the lead and trail points are within ``align_tol`` of the
+    axis, then goes in ``push_step`` at a time, so the object stays square to the opening, until the lead
+    reaches ``full``. Returns the TCP motion and whether the step is fine work (lining up near the mouth,
+    or pushing in)."""
+    as_batch = lambda x: torch.as_tensor(x, dtype=obj_p.dtype, device=obj_p.device).expand(obj_p.shape[0])
+    lead, trail, mouth, full = (as_batch(x) for x in (lead, trail, mouth, full))
+    obj_x, frame_x = obj_r[:, :, 0], frame_r[:, :, 0]
+    in_frame = lambda point: (frame_r.transpose(1, 2) @ (point - frame_p)[:, :, None])[:, :, 0]
+    lead_f, trail_f = in_frame(obj_p + lead[:, None] * obj_x), in_frame(obj_p + trail[:, None] * obj_x)
+    off_axis = torch.maximum(torch.linalg.norm(lead_f[:, 1:], dim=1), torch.linalg.norm(trail_f[:, 1:], dim=1))
+    entering = lead_f[:, 0] > mouth - INSERT_ENTRY / 2  # already at or past the mouth
+    push = (off_axis < align_tol) | entering
+    lead_target = torch.where(push, torch.minimum(lead_f[:, 0] + push_step, full), mouth - INSERT_ENTRY)
+    target_p = frame_p + (lead_target - lead)[:, None] * frame_x
+    move, turn = _move_held(tcp_p, tcp_r, obj_p, obj_r, target_p, frame_r)
+    # the arm's controller settles a few millimetres short of a small command (it tracks the commanded pose
+    # with a spring): near the axis, ask for more than the sideways error, so the settled pose meets it
+    axial = (move * frame_x).sum(1, keepdim=True) * frame_x
+    sideways = move - axial
+    near = (torch.linalg.norm(sideways, dim=1, keepdim=True) < 0.005)
+    move = axial + torch.where(near, INSERT_OVERSHOOT * sideways, sideways)
+    fine = push | (torch.linalg.norm(lead_f[:, 1:], dim=1) < 0.02) & (lead_f[:, 0] > mouth - 3 * INSERT_ENTRY)
+    return move, turn, fine
+
+
 PEG_PUSH_STEP = 0.02  # insertion depth per step (m)
 PEG_ALIGN_TOL = 0.003  # head and tail within this of the hole's axis before the peg goes in (m)
 
@@ -245,28 +275,9 @@ def _plan_peg_insertion(obs: dict):
     tail_offset = torch.clamp(length / 2 + 0.01, min=0.05)
     grasp_point = peg_p - tail_offset[:, None] * peg_x
     grasp = _top_down_grasp(obs, tcp_p, tcp_r, grasp_point, peg_r[:, :, 1], grasped, 2 * radius)
-
-    # the head's place in the hole's frame decides between lining up and pushing in
-    hole_x = hole_r[:, :, 0]
-    head = peg_p + length[:, None] * peg_x
-    tail = peg_p - length[:, None] * peg_x
-    in_hole = lambda point: (hole_r.transpose(1, 2) @ (point - hole_p)[:, :, None])[:, :, 0]
-    head_h, tail_h = in_hole(head), in_hole(tail)
-    off_axis = torch.maximum(torch.linalg.norm(head_h[:, 1:], dim=1), torch.linalg.norm(tail_h[:, 1:], dim=1))
-    entering = head_h[:, 0] > -length - PEG_ENTRY / 2  # already at or past the mouth
-    push = (off_axis < PEG_ALIGN_TOL) | entering
-    # push in a little at a time, so the peg stays square to the hole
-    head_depth = torch.where(push, torch.clamp(head_h[:, 0] + PEG_PUSH_STEP, max=0.0), -length - PEG_ENTRY)
-    target_p = hole_p + (head_depth - length)[:, None] * hole_x
-    move, turn = _move_held(tcp_p, tcp_r, peg_p, peg_r, target_p, hole_r)
-    # the arm's controller settles a few millimetres short of a small command (it tracks the commanded pose
-    # with a spring): near the axis, ask for more than the sideways error, so the settled pose meets it
-    axial = (move * hole_x).sum(1, keepdim=True) * hole_x
-    sideways = move - axial
-    near = (torch.linalg.norm(sideways, dim=1, keepdim=True) < 0.005)
-    move = axial + torch.where(near, PEG_OVERSHOOT * sideways, sideways)
-    # lining up within a few centimetres of the mouth, and pushing in, is the fine work
-    fine = push | (torch.linalg.norm(head_h[:, 1:], dim=1) < 0.02) & (head_h[:, 0] > -length - 3 * PEG_ENTRY)
+    # the hole's pose lies a half length inside the box: the mouth is a half length before it
+    move, turn, fine = _insert_held(tcp_p, tcp_r, peg_p, peg_r, hole_p, hole_r, lead=length, trail=-length,
+                                    mouth=-length, full=0.0, align_tol=PEG_ALIGN_TOL, push_step=PEG_PUSH_STEP)
     held = Motion(move, turn, torch.full_like(length, CLOSED), _trust(fine, TRUST_FINE, TRUST_FREE))
     return _either(grasped, held, grasp)
 
@@ -368,23 +379,11 @@ def _plan_plug_charger(obs: dict):
     across = 0.03  # the base's width
     grasped = _holding(obs, tcp_p, base, charger_x, CHARGER_BASE, across)
     grasp = _top_down_grasp(obs, tcp_p, tcp_r, base, charger_r[:, :, 1], grasped, across)
-
-    goal_x = goal_r[:, :, 0]
-    in_goal = lambda point: (goal_r.transpose(1, 2) @ (point - goal_p)[:, :, None])[:, :, 0]
-    tip_g, origin_g = in_goal(charger_p + CHARGER_PRONG * charger_x), in_goal(charger_p)
-    off_axis = torch.maximum(torch.linalg.norm(tip_g[:, 1:], dim=1), torch.linalg.norm(origin_g[:, 1:], dim=1))
-    entering = tip_g[:, 0] > -PEG_ENTRY / 2
-    push = (off_axis < CHARGER_ALIGN_TOL) | entering
-    depth = torch.where(push, torch.clamp(origin_g[:, 0] + CHARGER_PUSH_STEP, max=0.0),
-                        torch.full_like(off_axis, -CHARGER_PRONG - PEG_ENTRY))
-    target_p = goal_p + depth[:, None] * goal_x
-    move, turn = _move_held(tcp_p, tcp_r, charger_p, charger_r, target_p, goal_r)
-    axial = (move * goal_x).sum(1, keepdim=True) * goal_x
-    sideways = move - axial
-    near = torch.linalg.norm(sideways, dim=1, keepdim=True) < 0.005
-    move = axial + torch.where(near, PEG_OVERSHOOT * sideways, sideways)
-    fine = push | (torch.linalg.norm(tip_g[:, 1:], dim=1) < 0.02) & (tip_g[:, 0] > -3 * PEG_ENTRY)
-    held = Motion(move, turn, torch.full_like(off_axis, CLOSED), _trust(fine, TRUST_FINE, TRUST_FREE))
+    # the goal is the charger's pose plugged in: the prongs' tips end a prong's length past the mouth
+    move, turn, fine = _insert_held(tcp_p, tcp_r, charger_p, charger_r, goal_p, goal_r, lead=CHARGER_PRONG,
+                                    trail=0.0, mouth=0.0, full=CHARGER_PRONG, align_tol=CHARGER_ALIGN_TOL,
+                                    push_step=CHARGER_PUSH_STEP)
+    held = Motion(move, turn, torch.full_like(tcp_p[:, 0], CLOSED), _trust(fine, TRUST_FINE, TRUST_FREE))
     return _either(grasped, held, grasp)
 
 
