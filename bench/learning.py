@@ -19,7 +19,9 @@ Writes learning.csv, learning.png and learning.json to --out, and prints a table
 - ``ik`` never falls more than 0.05 below its expert alone at any eval point.
 
 Every finished run is recorded in --out/logs and reused by the next invocation with the same command,
-so a bench that spans several sessions continues where it stopped.
+so a bench that spans several sessions continues where it stopped; an unfinished one resumes from its
+newest checkpoint. A run's minutes are the time it spent running, read from its event log, so pauses
+and stops are left out.
 """
 
 import csv
@@ -122,12 +124,21 @@ def expert_alone(config: str, task: dict, args: Args) -> float:
     return success_once
 
 
-def eval_curve(run_dir: str) -> list[tuple[int, float]]:
+LONGEST_GAP = 300.0  # seconds between two logged events beyond which a run counts as paused or stopped
+
+
+def read_events(run_dir: str) -> tuple[list[tuple[int, float]], float]:
+    """A run's eval curve (step, success_once), and the seconds it spent running: the gaps between its
+    consecutive logged events, leaving out those over LONGEST_GAP (a paused run, or a stopped one that was
+    resumed; the steps a stopped run made after its last checkpoint are dropped from the log, and their time
+    with them)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     events.Reload()
-    return [(int(e.step), float(e.value)) for e in events.Scalars("eval/success_once")]
+    times = sorted(e.wall_time for tag in events.Tags()["scalars"] for e in events.Scalars(tag))
+    running = sum(gap for gap in (b - a for a, b in zip(times, times[1:])) if gap <= LONGEST_GAP)
+    return [(int(e.step), float(e.value)) for e in events.Scalars("eval/success_once")], running
 
 
 def _from_root(path: str) -> str:
@@ -195,11 +206,11 @@ def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
     if proc.returncode != 0:
         raise util.FatalError(f"{exp_name} failed (exit code {proc.returncode}); see {log_path}")
     run_dir = os.path.dirname(resume_from) if resume_from else run_dir
-    curve = eval_curve(run_dir)
+    curve, running = read_events(run_dir)
     print(f"  {seconds / 60:.1f} min, eval success_once: " + " ".join(f"{v:.2f}" for _, v in curve), flush=True)
     record = dict(config=config, seed=seed, command=shlex.join(command[1:]), run_dir=run_dir, seconds=seconds,
-                  steps=[s for s, _ in curve], success_once=[v for _, v in curve])
-    if resume_from:  # the wall clock above is the last invocation's only
+                  running_seconds=running, steps=[s for s, _ in curve], success_once=[v for _, v in curve])
+    if resume_from:  # seconds is then the last invocation's only; running_seconds covers them all
         record["resumed_from"] = resume_from
     with open(record_path, "w") as f:
         json.dump(record, f, indent=2)
@@ -282,7 +293,8 @@ def main():
         run.update(final=run["success_once"][-1], max=max(run["success_once"]), min=min(run["success_once"]),
                    first_step_at_0_9=reached[0] if reached else None, lowest_after_0_9=min(after) if after else None)
         print(f"{run['config']:<18}{run['seed']:>5}{run['final']:>8.2f}{run['max']:>7.2f}{run['min']:>7.2f}"
-              f"{str(run['first_step_at_0_9']):>14}{str(run['lowest_after_0_9']):>14}{run['seconds'] / 60:>9.1f}")
+              f"{str(run['first_step_at_0_9']):>14}{str(run['lowest_after_0_9']):>14}"
+              f"{run.get('running_seconds', run['seconds']) / 60:>9.1f}")
     by_config = {c: [r for r in runs if r["config"] == c] for c in task["configs"]}
     if by_config["weak_ik"]:
         summary["weak_ik_seeds"] = len(by_config["weak_ik"])
@@ -299,7 +311,7 @@ def main():
     result = dict(env_id=args.task, control_mode=task["control_mode"], configs=task["configs"],
                   ppo_flags=task["ppo_flags"], args=vars(args), expert_alone=alone, targets=summary,
                   wall_clock_seconds=time.time() - bench_start,
-                  training_seconds_total=sum(r["seconds"] for r in runs), runs=runs)
+                  training_seconds_total=sum(r.get("running_seconds", r["seconds"]) for r in runs), runs=runs)
     with open(os.path.join(args.out, "learning.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.out}/learning.csv, learning.png, learning.json "
