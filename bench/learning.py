@@ -175,6 +175,8 @@ def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
             record = json.load(f)
         if record["command"] == shlex.join(command[1:]):
             print(f"{config} seed {seed}: reusing {record['run_dir']}", flush=True)
+            if "running_seconds" not in record and os.path.isdir(record["run_dir"]):  # recorded before it was
+                record["running_seconds"] = read_events(record["run_dir"])[1]
             return record
     if not args.train:
         return None
