@@ -347,7 +347,8 @@ def _plan_poke_cube(obs: dict):
     pushing = (sideways < ALIGN_TOL) & (behind < 0) & (behind > -CUBE_HALF - 2 * POKE_GAP)
     remaining = goal[:, 0] - cube_p[:, 0]
     # line up behind the cube, then advance along its line a step at a time, stopping at the goal
-    advance = torch.where(pushing, behind + remaining.clamp(0.0, POKE_STEP), -(CUBE_HALF + POKE_GAP) + 0 * behind)
+    wait = torch.full_like(behind, -(CUBE_HALF + POKE_GAP))
+    advance = torch.where(pushing, behind + remaining.clamp(0.0, POKE_STEP), wait)
     head_target = torch.stack([cube_p[:, 0] + advance, cube_p[:, 1],
                                torch.full_like(behind, half_width + POKE_LIFT)], dim=1)
     target_p = head_target - half_length * push_r[:, :, 0]
