@@ -235,16 +235,16 @@ def _insert_held(tcp_p, tcp_r, obj_p, obj_r, frame_p, frame_r, lead, trail, mout
     axis, then goes in ``push_step`` at a time, so the object stays square to the opening, until the lead
     reaches ``full``. Returns the TCP motion and whether the step is fine work (lining up near the mouth,
     or pushing in)."""
-    as_batch = lambda x: torch.as_tensor(x, dtype=obj_p.dtype, device=obj_p.device).expand(obj_p.shape[0])
-    lead, trail, mouth, full = (as_batch(x) for x in (lead, trail, mouth, full))
+    # lengths are numbers or [N] tensors; numbers stay on the host, so no step copies them to the device
+    along = lambda length, axis: (length[:, None] if torch.is_tensor(length) else length) * axis
     obj_x, frame_x = obj_r[:, :, 0], frame_r[:, :, 0]
     in_frame = lambda point: (frame_r.transpose(1, 2) @ (point - frame_p)[:, :, None])[:, :, 0]
-    lead_f, trail_f = in_frame(obj_p + lead[:, None] * obj_x), in_frame(obj_p + trail[:, None] * obj_x)
+    lead_f, trail_f = in_frame(obj_p + along(lead, obj_x)), in_frame(obj_p + along(trail, obj_x))
     off_axis = torch.maximum(torch.linalg.norm(lead_f[:, 1:], dim=1), torch.linalg.norm(trail_f[:, 1:], dim=1))
     entering = lead_f[:, 0] > mouth - INSERT_ENTRY / 2  # already at or past the mouth
     push = (off_axis < align_tol) | entering
-    lead_target = torch.where(push, torch.minimum(lead_f[:, 0] + push_step, full), mouth - INSERT_ENTRY)
-    target_p = frame_p + (lead_target - lead)[:, None] * frame_x
+    lead_target = torch.where(push, torch.clamp(lead_f[:, 0] + push_step, max=full), mouth - INSERT_ENTRY)
+    target_p = frame_p + along(lead_target - lead, frame_x)
     move, turn = _move_held(tcp_p, tcp_r, obj_p, obj_r, target_p, frame_r)
     # the arm's controller settles a few millimetres short of a small command (it tracks the commanded pose
     # with a spring): near the axis, ask for more than the sideways error, so the settled pose meets it
