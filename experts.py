@@ -308,10 +308,10 @@ def _plan_lift_peg_upright(obs: dict):
     axis = torch.nn.functional.normalize(torch.linalg.cross(hanging, -up), dim=1)
     angle = torch.acos(torch.clamp((hanging * -up).sum(1), -1.0, 1.0))
     upright_r = axis_angle_to_matrix(axis * angle[:, None]) @ peg_r
-    # turn high above the table, then lower the peg onto its end (pressing a little: the table stops it);
-    # below the gripper, so that turning does not carry it sideways
+    # turn high above the table, then lower the peg until its end meets the table, below the gripper, so
+    # that turning does not carry it sideways; pressing it into the table tilts the held peg out of upright
     upright = angle < 0.1
-    target_z = torch.where(upright, torch.full_like(angle, half_length - 0.005), torch.full_like(angle, 0.2))
+    target_z = torch.where(upright, torch.full_like(angle, half_length), torch.full_like(angle, 0.2))
     target_p = torch.cat([tcp_p[:, :2], target_z[:, None]], dim=1)
     move, turn = _move_held(tcp_p, tcp_r, peg_p, peg_r, target_p, upright_r)
     # turning in the air is free motion; setting the peg on its end is contact
