@@ -11,8 +11,10 @@ three configurations of a task (--task, see TASKS):
 - ``weak_ik_adaptive``: ``weak_ik`` with adaptive residual scaling (``--residual-scale-mode adaptive``), not
   in the default list: ``--runs weak_ik:1 weak_ik_adaptive:1 ...`` compares the two.
 
-Each run's eval success_once against env steps comes from its tensorboard events. Each IK expert is
-also measured alone (residual zero) on --expert-episodes episodes, evaluated as ppo.py evaluates.
+Each run's eval success_once against env steps comes from its tensorboard events. An eval of
+--num-eval-envs episodes is a coarse measure, so each run's final checkpoint is also evaluated on
+--final-episodes episodes (``ppo.py --evaluate``). Each IK expert is also measured alone (residual zero) on
+--expert-episodes episodes, evaluated as ppo.py evaluates.
 Writes learning.csv, learning.png and learning.json to --out, and prints a table and the targets:
 
 - ``weak_ik`` reaches eval success_once >= 0.9 within the budget with every seed;
@@ -86,6 +88,8 @@ class Args:
     """eval envs per run: one episode each per eval"""
     expert_episodes: int = 200
     """episodes on which each IK expert is measured alone"""
+    final_episodes: int = 320
+    """episodes on which each run's final checkpoint is evaluated after training (0: not at all)"""
     train: bool = True
     """if toggled off (--no-train), report only the runs already recorded in --out (e.g. while a bench runs)"""
     rerun: bool = False
@@ -219,6 +223,55 @@ def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
     return record
 
 
+def _set_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    i = argv.index(flag)
+    return argv[:i + 1] + [value] + argv[i + 2:]
+
+
+def final_eval(record: dict, args: Args) -> Optional[dict]:
+    """A finished run's final checkpoint under ``ppo.py --evaluate`` on --final-episodes episodes, with the run's
+    own flags and seed (so its episodes are the ones its evals start from). Kept in the run's record and reused;
+    None under --no-train when not yet made, so that a report made while a bench runs starts nothing."""
+    made = record.get("final_eval")
+    if made and made["requested_episodes"] == args.final_episodes:
+        return made
+    if not args.train:
+        return None
+    import gymnasium as gym
+
+    checkpoint = os.path.join(record["run_dir"], "final_ckpt.pt")
+    if not os.path.isfile(checkpoint):
+        raise util.FatalError(f"{record['config']} seed {record['seed']}: no {checkpoint} to evaluate")
+    evals = os.path.join(args.out, "final_eval")
+    exp_name = f"{record['config']}_s{record['seed']}_final"
+    per_env = -(-args.final_episodes // args.num_eval_envs)
+    argv = _set_flag(_set_flag(shlex.split(record["command"]), "--output-dir", _from_root(evals)),
+                     "--exp-name", exp_name)
+    argv += ["--evaluate", "--checkpoint", checkpoint,
+             "--num-eval-steps", str(per_env * gym.spec(args.task).max_episode_steps)]
+    before = set(os.listdir(evals)) if os.path.isdir(evals) else set()
+    log_path = os.path.join(args.out, "logs", f"{exp_name}.log")
+    print(f"[{time.strftime('%H:%M:%S')}] {record['config']} seed {record['seed']}: {shlex.join(argv)}", flush=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT)
+        eval_dir = _new_run_dir(evals, before, f"{args.task}__{exp_name}__", proc)
+        proc.wait()
+    if proc.returncode != 0:
+        raise util.FatalError(f"the final evaluation of {record['config']} seed {record['seed']} failed "
+                              f"(exit code {proc.returncode}); see {log_path}")
+    with open(os.path.join(eval_dir, "summary.json")) as f:
+        metrics = json.load(f)["eval"]
+    record["final_eval"] = dict(requested_episodes=args.final_episodes, episodes=metrics["episodes"],
+                                success_once=metrics["success_once"], success_at_end=metrics["success_at_end"],
+                                command=shlex.join(argv))
+    print(f"  final checkpoint: success_once {metrics['success_once']:.3f} on {metrics['episodes']} episodes",
+          flush=True)
+    with open(os.path.join(args.out, "logs", f"{record['config']}_s{record['seed']}.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    return record["final_eval"]
+
+
 def plot(runs: list[dict], alone: dict, path: str, task: dict, args: Args) -> None:
     import matplotlib
 
@@ -277,6 +330,7 @@ def main():
                   f"{alone[config]:.3f} on {args.expert_episodes} episodes", flush=True)
 
     runs = [run for config, seed in planned if (run := train(config, seed, task, args))]
+    finals = [final_eval(run, args) if args.final_episodes else None for run in runs]
 
     with open(os.path.join(args.out, "learning.csv"), "w", newline="") as f:
         writer = csv.writer(f)
@@ -288,15 +342,16 @@ def main():
 
     summary = {}
     print(f"\n{'config':<18}{'seed':>5}{'final':>8}{'max':>7}{'min':>7}{'first >= 0.9':>14}{'lowest after':>14}"
-          f"{'minutes':>9}")
-    for run in runs:
+          f"{'minutes':>9}{f'final ckpt ({args.final_episodes} ep)':>24}")
+    for run, final in zip(runs, finals):
         reached = [s for s, v in zip(run["steps"], run["success_once"]) if v >= 0.9]
         after = [v for s, v in zip(run["steps"], run["success_once"]) if reached and s > reached[0]]
         run.update(final=run["success_once"][-1], max=max(run["success_once"]), min=min(run["success_once"]),
                    first_step_at_0_9=reached[0] if reached else None, lowest_after_0_9=min(after) if after else None)
         print(f"{run['config']:<18}{run['seed']:>5}{run['final']:>8.2f}{run['max']:>7.2f}{run['min']:>7.2f}"
               f"{str(run['first_step_at_0_9']):>14}{str(run['lowest_after_0_9']):>14}"
-              f"{run.get('running_seconds', run['seconds']) / 60:>9.1f}")
+              f"{run.get('running_seconds', run['seconds']) / 60:>9.1f}"
+              f"{'-' if final is None else format(final['success_once'], '.3f'):>24}")
     by_config = {c: [r for r in runs if r["config"] == c] for c in task["configs"]}
     if by_config["weak_ik"]:
         summary["weak_ik_seeds"] = len(by_config["weak_ik"])

@@ -1,4 +1,5 @@
-"""bench/learning.py's reading of a run's event log: its eval curve, and the time it spent running."""
+"""bench/learning.py: reading a run's event log (its eval curve, and the time it spent running), and when it
+evaluates a final checkpoint."""
 
 import importlib.util
 import os
@@ -38,3 +39,24 @@ def test_a_paused_and_resumed_run_counts_only_its_running_time(learning, tmp_pat
 
     assert curve == [(0, 0.25), (200, 0.5), (400, pytest.approx(0.9))]
     assert running == pytest.approx(30.0)
+
+
+def test_a_final_evaluation_is_made_once_and_never_while_only_reporting(learning, tmp_path):
+    """A recorded final evaluation at the requested episode count is reused as it stands; under --no-train a
+    run without one gets none (None), and nothing is started: its run directory does not even exist."""
+    made = dict(requested_episodes=320, episodes=320, success_once=0.9, success_at_end=0.8, command="")
+    record = dict(config="weak_ik", seed=1, command="ppo.py --output-dir runs --exp-name weak_ik_s1",
+                  run_dir=str(tmp_path / "missing"), final_eval=made)
+    args = learning.Args(task="PickCube-v1", out=str(tmp_path), final_episodes=320)
+    assert learning.final_eval(record, args) is made
+
+    report_only = learning.Args(task="PickCube-v1", out=str(tmp_path), final_episodes=64, train=False)
+    assert learning.final_eval(record, report_only) is None  # recorded for 320 episodes, not 64
+    assert learning.final_eval(dict(record, final_eval=None), report_only) is None
+    assert not os.path.exists(tmp_path / "final_eval")
+
+
+def test_a_final_evaluation_needs_the_runs_final_checkpoint(learning, tmp_path):
+    record = dict(config="ik", seed=2, command="ppo.py --output-dir runs --exp-name ik_s2", run_dir=str(tmp_path))
+    with pytest.raises(learning.util.FatalError, match=r"ik seed 2: no .*final_ckpt.pt to evaluate"):
+        learning.final_eval(record, learning.Args(task="PickCube-v1", out=str(tmp_path)))
