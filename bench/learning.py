@@ -161,6 +161,18 @@ def _new_run_dir(runs: str, before: set, prefix: str, proc: subprocess.Popen) ->
         time.sleep(1)
 
 
+def _record_path(args: Args, config: str, seed: int) -> str:
+    return os.path.join(args.out, "logs", f"{config}_s{seed}.json")
+
+
+def _start_ppo(argv: list[str], log) -> subprocess.Popen:
+    """ppo.py with ``argv``, from the repository's root, its output to ``log``."""
+    # One OpenMP thread: on a machine shared with other jobs, a second thread spinning at every barrier
+    # made the update tens of times slower, and a batch of 400 samples gains nothing from it.
+    return subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT)
+
+
 def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
     runs = os.path.join(args.out, "runs")
     exp_name = f"{config}_s{seed}"
@@ -173,7 +185,7 @@ def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
                *shlex.split(task["ppo_flags"]),
                *shlex.split(task["configs"][config])]
     log_path = os.path.join(args.out, "logs", f"{exp_name}.log")
-    record_path = os.path.join(args.out, "logs", f"{exp_name}.json")
+    record_path = _record_path(args, config, seed)
     if not args.rerun and os.path.isfile(record_path):
         with open(record_path) as f:
             record = json.load(f)
@@ -198,11 +210,8 @@ def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
     launch = command + (["--resume", "--checkpoint", resume_from] if resume_from else [])
     print(f"[{time.strftime('%H:%M:%S')}] {config} seed {seed}: {shlex.join(launch[1:])}", flush=True)
     start = time.time()
-    # One OpenMP thread: on a machine shared with other jobs, a second thread spinning at every barrier
-    # made the update tens of times slower, and a batch of 400 samples gains nothing from it.
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(log_path, "a" if resume_from else "w") as log:
-        proc = subprocess.Popen(launch, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = _start_ppo(launch[1:], log)
         if not resume_from:
             run_dir = _new_run_dir(runs, runs_before, f"{args.task}__{exp_name}__", proc)
             with open(started_path, "w") as f:
@@ -253,8 +262,7 @@ def final_eval(record: dict, args: Args) -> Optional[dict]:
     log_path = os.path.join(args.out, "logs", f"{exp_name}.log")
     print(f"[{time.strftime('%H:%M:%S')}] {record['config']} seed {record['seed']}: {shlex.join(argv)}", flush=True)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT)
+        proc = _start_ppo(argv, log)
         eval_dir = _new_run_dir(evals, before, f"{args.task}__{exp_name}__", proc)
         proc.wait()
     if proc.returncode != 0:
@@ -267,7 +275,7 @@ def final_eval(record: dict, args: Args) -> Optional[dict]:
                                 command=shlex.join(argv))
     print(f"  final checkpoint: success_once {metrics['success_once']:.3f} on {metrics['episodes']} episodes",
           flush=True)
-    with open(os.path.join(args.out, "logs", f"{record['config']}_s{record['seed']}.json"), "w") as f:
+    with open(_record_path(args, record["config"], record["seed"]), "w") as f:
         json.dump(record, f, indent=2)
     return record["final_eval"]
 
