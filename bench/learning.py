@@ -322,6 +322,8 @@ def main():
     args = tyro.cli(Args)
     if args.task not in TASKS:
         raise util.UsageError(f"unknown --task '{args.task}'; valid: {', '.join(TASKS)}")
+    if args.final_episodes < 0:
+        raise util.UsageError(f"--final-episodes must be >= 0 (0: no final evaluation), got {args.final_episodes}")
     task = TASKS[args.task]
     args.out = os.path.abspath(args.out or os.path.join(
         ROOT, "bench/out/learning" if args.task == "PickCube-v1" else f"bench/out/learning-{args.task}"))

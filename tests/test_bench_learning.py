@@ -3,6 +3,8 @@ evaluates a final checkpoint."""
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 from torch.utils.tensorboard import SummaryWriter
@@ -60,3 +62,11 @@ def test_a_final_evaluation_needs_the_runs_final_checkpoint(learning, tmp_path):
     record = dict(config="ik", seed=2, command="ppo.py --output-dir runs --exp-name ik_s2", run_dir=str(tmp_path))
     with pytest.raises(learning.util.FatalError, match=r"ik seed 2: no .*final_ckpt.pt to evaluate"):
         learning.final_eval(record, learning.Args(task="PickCube-v1", out=str(tmp_path)))
+
+
+def test_a_negative_final_episode_count_is_refused_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "learning.py"), "--final-episodes", "-5",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --final-episodes must be >= 0 (0: no final evaluation), got -5"]
+    assert not os.path.exists(tmp_path / "logs")  # refused before anything is written
