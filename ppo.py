@@ -120,6 +120,8 @@ class Args:
     """steps per evaluation (default: the task's episode length, so every eval env ends one episode)"""
     partial_reset: bool = True
     """if toggled, training episodes end on success or failure; otherwise only at the time limit"""
+    reward_mode: Optional[str] = None
+    """the env's reward: normalized_dense | dense | sparse (1 on success) | none (default: the task's first)"""
     reward_scale: float = 1.0
     """multiplier applied to rewards before PPO sees them"""
     anneal_lr: bool = False
@@ -276,6 +278,7 @@ def ppo_losses(agent: Agent, mb: dict, args: Args) -> dict:
 def check_args(args: Args) -> None:
     """Reject bad input before any env is built or anything is written, in one line naming the flag."""
     util.check_env_id(args.env_id)
+    util.check_reward_mode(args.env_id, args.reward_mode)
     experts.check_expert_args(args.expert_type, args.env_id, args.control_mode, args.model_path, args.expert_fn,
                               args.fusion)
     util.check_flags(
@@ -382,7 +385,7 @@ def load_checkpoint(args: Args, distributed: util.Distributed) -> tuple[Optional
 def make_envs(args: Args, backend: str, distributed: util.Distributed, seed: int):
     """Backend -> expert + residual wrapper, for training and for eval (under torchrun rank 0 alone evaluates; with
     --evaluate nothing trains). Returns (envs, eval_envs, the first observation)."""
-    env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend,
+    env_kwargs = dict(control_mode=args.control_mode, reward_mode=args.reward_mode, sim_backend=backend,
                       restart_dead_workers=args.restart_dead_workers)
     envs = eval_envs = None
     if distributed.is_main:

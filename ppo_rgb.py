@@ -129,6 +129,8 @@ class Args:
     """steps per evaluation (default: the task's episode length, so every eval env ends one episode)"""
     partial_reset: bool = True
     """if toggled, training episodes end on success or failure; otherwise only at the time limit"""
+    reward_mode: Optional[str] = None
+    """the env's reward: normalized_dense | dense | sparse (1 on success) | none (default: the task's first)"""
     reward_scale: float = 1.0
     """multiplier applied to rewards before PPO sees them"""
     anneal_lr: bool = False
@@ -302,6 +304,7 @@ def ppo_losses(agent: Agent, mb: dict, args: Args) -> dict:
 def check_args(args: Args) -> None:
     """Reject bad input before any env is built or anything is written, in one line naming the flag."""
     util.check_env_id(args.env_id)
+    util.check_reward_mode(args.env_id, args.reward_mode)
     experts.check_expert_args(args.expert_type, args.env_id, args.control_mode, args.model_path, args.expert_fn,
                               args.fusion)
     util.check_flags(
@@ -409,8 +412,8 @@ def make_envs(args: Args, backend: str):
     """Backend -> expert + residual wrapper, for training (none with --evaluate) and for eval; the envs run in
     "state_dict+rgb" so that experts read privileged state, and the policy sees what "rgb" would give it. Returns
     (envs, eval_envs, the eval envs' first observation)."""
-    env_kwargs = dict(control_mode=args.control_mode, sim_backend=backend, obs_mode="state_dict+rgb",
-                      restart_dead_workers=args.restart_dead_workers,
+    env_kwargs = dict(control_mode=args.control_mode, reward_mode=args.reward_mode, sim_backend=backend,
+                      obs_mode="state_dict+rgb", restart_dead_workers=args.restart_dead_workers,
                       sensor_configs=dict(width=args.camera_width, height=args.camera_height))
     eval_envs = util.make_env(args.env_id, args.num_eval_envs, ignore_terminations=True,
                               reconfiguration_freq=args.eval_reconfiguration_freq, **env_kwargs)

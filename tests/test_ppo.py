@@ -2,6 +2,7 @@
 rollout policy step."""
 
 import glob
+import importlib
 import json
 import os
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import ppo
+import util
 from conftest import TINY, run_main
 
 
@@ -181,6 +183,10 @@ BAD_NUMBERS = [
     (["--update-epochs", "0"], "--update-epochs must be >= 1, got 0"),
     (["--residual-warmup-steps", "-5"], "--residual-warmup-steps must be >= 0, got -5"),
     (["--critic-warmup-iters", "-1"], "--critic-warmup-iters must be >= 0, got -1"),
+    (["--reward-mode", "shaped"], "--reward-mode for PickCube-v1 must be one of normalized_dense, dense, sparse, none, "
+                                  "not 'shaped'"),
+    (["--env-id", "PlugCharger-v1", "--reward-mode", "dense"],
+     "--reward-mode for PlugCharger-v1 must be one of none, sparse, not 'dense'"),
 ]
 
 
@@ -194,3 +200,26 @@ def test_numeric_flags_are_checked_in_every_script(script, tmp_path):
         lines = [l for l in proc.stderr.splitlines() if l.strip() and "WARNING" not in l]
         assert proc.returncode == 2 and lines == [f"error: {message}"], (script, extra, proc.stderr)
         assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["ppo.py", "ppo_rgb.py", "ppo_fast.py", "ppo_rgb_fast.py"])
+def test_reward_mode_reaches_the_envs_in_every_script(script):
+    """--reward-mode sparse gives ManiSkill's sparse reward: exactly 1 at the steps where the task reports success,
+    0 elsewhere (PickCube's default, normalized dense reward, is strictly between 0 and 1 until the cube is placed)."""
+    module = importlib.import_module(script[:-3])
+    sizes = dict(camera_width=64, camera_height=64) if "rgb" in script else {}
+    args = module.Args(env_id="PickCube-v1", sim_backend="cpu", control_mode="pd_ee_delta_pos", expert_type="ik",
+                       reward_mode="sparse", evaluate=True, num_envs=1, num_eval_envs=2, eval_reconfiguration_freq=0,
+                       **sizes)
+    made = module.make_envs(args, "cpu") if "rgb" in script else module.make_envs(args, "cpu", util.Distributed(), 1)
+    eval_envs = made[1]
+    rewards, successes = [], []
+    zero_residual = torch.zeros(2, eval_envs.policy_action_dim)
+    for _ in range(eval_envs.max_episode_steps - 1):  # the last step resets the episode, and its info with it
+        _, reward, _, _, info = eval_envs.step(zero_residual)
+        rewards.append(reward)
+        successes.append(info["success"])
+    eval_envs.close()
+    rewards, successes = torch.stack(rewards), torch.stack(successes)
+    assert successes.any(), "the IK expert should solve PickCube within an episode"
+    assert torch.equal(rewards, successes.float())

@@ -13,7 +13,7 @@ Data path: backend -> ExpertResidualWrapper -> training script.
 """
 
 from .backends import (NO_CUDA_VULKAN, CpuVectorEnv, NativeVectorEnv, available_cores, check_env_id,
-                       cuda_renders, make_env, render_backend, resolve_sim_backend)
+                       check_reward_mode, cuda_renders, make_env, render_backend, resolve_sim_backend)
 from .residual import (FUSIONS, SCALE_MODES, SCALE_SCHEDULES, CriticWarmup, ExpertResidualWrapper, ResidualSchedule,
                        adaptive_scale, check_fusion, check_scale_mode, compose_action, consult, expert_confidence,
                        flat_state, image_policy_obs, with_expert_action)
@@ -24,10 +24,10 @@ from .run import (STOP_SIGNALS, Distributed, EpisodeMetrics, FatalError, Gracefu
                   RunOutput, close_run, eval_line, evaluate, restore_training, save_training_checkpoint, seed_everything)
 
 
-__all__ = ["NO_CUDA_VULKAN", "CpuVectorEnv", "NativeVectorEnv", "available_cores", "check_env_id", "cuda_renders",
-           "make_env", "render_backend", "resolve_sim_backend", "FUSIONS", "SCALE_MODES", "SCALE_SCHEDULES",
-           "CriticWarmup", "ExpertResidualWrapper", "ResidualSchedule", "adaptive_scale", "check_fusion",
-           "check_scale_mode", "compose_action", "consult", "expert_confidence", "flat_state",
+__all__ = ["NO_CUDA_VULKAN", "CpuVectorEnv", "NativeVectorEnv", "available_cores", "check_env_id", "check_reward_mode",
+           "cuda_renders", "make_env", "render_backend", "resolve_sim_backend", "FUSIONS", "SCALE_MODES",
+           "SCALE_SCHEDULES", "CriticWarmup", "ExpertResidualWrapper", "ResidualSchedule", "adaptive_scale",
+           "check_fusion", "check_scale_mode", "compose_action", "consult", "expert_confidence", "flat_state",
            "image_policy_obs", "with_expert_action", "STOP_SIGNALS", "Distributed", "EpisodeMetrics", "FatalError",
            "GracefulStop", "PhaseTimer", "UsageError", "WorkerDied", "check_checkpoint", "check_finite",
            "check_flags", "check_resume", "check_writable", "first_line", "init_distributed", "load_checkpoint",

@@ -43,6 +43,15 @@ def check_env_id(env_id: str) -> None:
         raise UsageError(f"unknown env id '{env_id}': {hint}")
 
 
+def check_reward_mode(env_id: str, reward_mode: Optional[str]) -> None:
+    """``--reward-mode`` must be one the task computes (None: the task's default, the first it lists)."""
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    supported = REGISTERED_ENVS[env_id].cls.SUPPORTED_REWARD_MODES if env_id in REGISTERED_ENVS else None
+    if reward_mode is not None and supported is not None and reward_mode not in supported:
+        raise UsageError(f"--reward-mode for {env_id} must be one of {', '.join(supported)}, not '{reward_mode}'")
+
+
 def resolve_sim_backend(sim_backend: str) -> str:
     """Map --sim-backend auto|gpu|cpu to 'gpu' or 'cpu'."""
     if sim_backend not in ("auto", "gpu", "cpu"):
