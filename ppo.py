@@ -229,7 +229,6 @@ def gae(rewards, values, dones, final_values, next_value, next_done, gamma: floa
     return advantages, advantages + values
 
 
-
 def bootstrap_values(get_value, info: dict, device) -> torch.Tensor:
     """V(final observation) of each env whose episode ended at this step (``info["_final_info"]``), 0 elsewhere.
 

@@ -503,7 +503,6 @@ def save_video(frames: list[torch.Tensor], path: str, fps: int = 20) -> None:
                     verbose=False)
 
 
-
 def saveable_random_state(state: tuple) -> tuple:
     """``np.random.RandomState.get_state()`` with its key array as a tensor, which ``torch.load(weights_only=True)``
     accepts."""
