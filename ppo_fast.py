@@ -130,7 +130,7 @@ class Args:
     partial_reset: bool = True
     """if toggled, training episodes end on success or failure; otherwise only at the time limit"""
     reward_mode: Optional[str] = None
-    """the env's reward: normalized_dense | dense | sparse (1 on success) | none (default: the task's first)"""
+    """the env's reward: normalized_dense | dense | sparse (1 on success) | none (default: the task's own)"""
     reward_scale: float = 1.0
     """multiplier applied to rewards before PPO sees them"""
     anneal_lr: bool = False
