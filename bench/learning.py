@@ -68,7 +68,8 @@ TASKS = {
                      ik=f"--expert-type ik --residual-scale 0.2 {RESIDUAL_TECHNIQUES}",
                      weak_ik_adaptive=f"--expert-type ik --ik-calibration-mm 3 --residual-scale 0.2 "
                                       f"{RESIDUAL_TECHNIQUES} --residual-scale-mode adaptive --residual-scale-min 0.05",
-                     # the dense reward pays a peg stopped just short of the success depth nearly what it pays one inserted
+                     # the dense reward pays a peg stopped just short of the success depth nearly what it pays
+                     # one inserted
                      ik_sparse=f"--expert-type ik --residual-scale 0.2 {RESIDUAL_TECHNIQUES} --reward-mode sparse")),
 }
 LABELS = dict(zero="PPO (zero expert)", weak_ik="residual PPO, imperfect IK", ik="residual PPO, IK",

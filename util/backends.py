@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import mani_skill.envs  # noqa: F401  (registers the ManiSkill tasks with gymnasium)
+from mani_skill.utils.registration import REGISTERED_ENVS
 from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
 from .run import STOP_SIGNALS, FatalError, UsageError, WorkerDied, first_line, random_state, saveable_random_state
@@ -45,8 +46,6 @@ def check_env_id(env_id: str) -> None:
 
 def check_reward_mode(env_id: str, reward_mode: Optional[str]) -> None:
     """``--reward-mode`` must be one the task computes (None: the task's default, the first it lists)."""
-    from mani_skill.utils.registration import REGISTERED_ENVS
-
     supported = REGISTERED_ENVS[env_id].cls.SUPPORTED_REWARD_MODES if env_id in REGISTERED_ENVS else None
     if reward_mode is not None and supported is not None and reward_mode not in supported:
         raise UsageError(f"--reward-mode for {env_id} must be one of {', '.join(supported)}, not '{reward_mode}'")
