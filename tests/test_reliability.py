@@ -19,7 +19,7 @@ from conftest import ROOT, TINY, run_script
 # episode length: without partial resets, every checkpoint falls on an episode start
 ALIGNED = ["--sim-backend", "cpu", "--num-envs", "1", "--num-eval-envs", "1", "--num-steps", "25",
            "--num-minibatches", "1", "--total-timesteps", "100", "--eval-freq", "2", "--num-eval-steps", "2",
-           "--no-partial-reset", "--no-capture-video"]
+           "--no-partial-reset", "--no-capture-video", "--eval-reconfiguration-freq", "0"]
 
 
 def load(path):
@@ -61,7 +61,7 @@ def test_resumed_run_matches_the_straight_run(script, tmp_path):
 # a run that would last long, with a checkpoint after every short iteration
 ENDLESS = ["--sim-backend", "cpu", "--num-envs", "2", "--num-eval-envs", "1", "--num-steps", "4",
            "--num-minibatches", "2", "--total-timesteps", "1000000", "--eval-freq", "1", "--num-eval-steps", "2",
-           "--no-capture-video"]
+           "--no-capture-video", "--eval-reconfiguration-freq", "0"]
 
 
 def start(args, cwd):
@@ -123,8 +123,9 @@ def test_signal_checkpoints_closes_workers_and_exits(signum, to_group, code, tmp
 
 def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(tmp_path):
     rng = random.Random(0)
-    # long enough (100 iterations) that no kill comes after the run has finished by itself
-    args = [*ENDLESS, "--total-timesteps", "400", "--num-envs", "1", "--output-dir", str(tmp_path)]
+    # long enough (150 iterations) that no kill comes after the run has finished by itself: the three kills
+    # leave it at most about 6 s of training
+    args = [*ENDLESS, "--total-timesteps", "600", "--num-envs", "1", "--output-dir", str(tmp_path)]
     proc = start(args, tmp_path)
     latest = wait_for(tmp_path / "*" / "latest.pt", proc)
     for _ in range(3):
@@ -139,7 +140,7 @@ def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(tmp_path)
         assert any("resumed from" in line for line in iter(proc.stdout.readline, "")), "the resume did not start"
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0
-    assert load(os.path.join(os.path.dirname(latest), "final_ckpt.pt"))["resume"]["global_step"] == 400
+    assert load(os.path.join(os.path.dirname(latest), "final_ckpt.pt"))["resume"]["global_step"] == 600
 
 
 # ---------------------------------------------------------------------------------------------------------------
