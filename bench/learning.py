@@ -11,7 +11,9 @@ three configurations of a task (--task, see TASKS):
 - ``weak_ik_adaptive``: ``weak_ik`` with adaptive residual scaling (``--residual-scale-mode adaptive``), not
   in the default list: ``--runs weak_ik:1 weak_ik_adaptive:1 ...`` compares the two;
 - ``ik_sparse`` (PegInsertionSide-v1): ``ik`` trained on the task's sparse reward (``--reward-mode sparse``),
-  not in the default list either.
+  not in the default list either;
+- ``ik_long_horizon`` (PegInsertionSide-v1): ``ik`` with ManiSkill's discounting for this task
+  (``--gamma 0.97 --gae-lambda 0.95``), not in the default list either.
 
 Each run's eval success_once against env steps comes from its tensorboard events. An eval of
 --num-eval-envs episodes is a coarse measure, so each run's final checkpoint is also evaluated on
@@ -70,11 +72,14 @@ TASKS = {
                                       f"{RESIDUAL_TECHNIQUES} --residual-scale-mode adaptive --residual-scale-min 0.05",
                      # the dense reward pays a peg stopped just short of the success depth nearly what it pays
                      # one inserted
-                     ik_sparse=f"--expert-type ik --residual-scale 0.2 {RESIDUAL_TECHNIQUES} --reward-mode sparse")),
+                     ik_sparse=f"--expert-type ik --residual-scale 0.2 {RESIDUAL_TECHNIQUES} --reward-mode sparse",
+                     # at gamma 0.8 a step's return looks about five steps ahead, shorter than the final push
+                     ik_long_horizon=f"--expert-type ik --residual-scale 0.2 {RESIDUAL_TECHNIQUES} "
+                                     f"--gamma 0.97 --gae-lambda 0.95")),
 }
 LABELS = dict(zero="PPO (zero expert)", weak_ik="residual PPO, imperfect IK", ik="residual PPO, IK",
               weak_ik_adaptive="residual PPO, imperfect IK, adaptive scale",
-              ik_sparse="residual PPO, IK, sparse reward")
+              ik_sparse="residual PPO, IK, sparse reward", ik_long_horizon="residual PPO, IK, gamma 0.97")
 
 
 @dataclass
@@ -293,7 +298,7 @@ def plot(runs: list[dict], alone: dict, path: str, task: dict, args: Args) -> No
     import matplotlib.pyplot as plt
 
     colors = dict(zero="tab:gray", weak_ik="tab:orange", ik="tab:blue", weak_ik_adaptive="tab:green",
-                  ik_sparse="tab:purple")
+                  ik_sparse="tab:purple", ik_long_horizon="tab:cyan")
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for run in runs:
         first = run["seed"] == min(r["seed"] for r in runs if r["config"] == run["config"])
@@ -340,7 +345,8 @@ def main():
     bench_start = time.time()
 
     alone = {}
-    for config, users in (("weak_ik", ("weak_ik", "weak_ik_adaptive")), ("ik", ("ik", "ik_sparse"))):
+    for config, users in (("weak_ik", ("weak_ik", "weak_ik_adaptive")),
+                          ("ik", ("ik", "ik_sparse", "ik_long_horizon"))):
         if any(c in users for c, _ in planned):
             alone[config] = expert_alone(config, task, args)
             print(f"{config} expert alone ({task['configs'][config].split(' --residual')[0]}): success_once "
@@ -373,7 +379,7 @@ def main():
     if by_config["weak_ik"]:
         summary["weak_ik_seeds"] = len(by_config["weak_ik"])
         summary["weak_ik_reaches_0.9_every_seed"] = all(r["first_step_at_0_9"] is not None for r in by_config["weak_ik"])
-    for config in ("ik", "ik_sparse"):
+    for config in ("ik", "ik_sparse", "ik_long_horizon"):
         if by_config.get(config):
             summary[f"{config}_seeds"] = len(by_config[config])
             summary[f"{config}_worst_eval"] = min(r["min"] for r in by_config[config])
