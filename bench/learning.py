@@ -18,11 +18,13 @@ three configurations of a task (--task, see TASKS):
 Each run's eval success_once against env steps comes from its tensorboard events. An eval of
 --num-eval-envs episodes is a coarse measure, so each run's final checkpoint is also evaluated on
 --final-episodes episodes (``ppo.py --evaluate``). Each IK expert is also measured alone (residual zero) on
---expert-episodes episodes, evaluated as ppo.py evaluates.
+--expert-episodes episodes, evaluated as ppo.py evaluates, and the good one also on the very episodes of
+each eval of its runs (the eval envs of the run's seed), so that every eval point has a paired baseline.
 Writes learning.csv, learning.png and learning.json to --out, and prints a table and the targets:
 
 - ``weak_ik`` reaches eval success_once >= 0.9 within the budget with every seed;
-- ``ik`` never falls more than 0.05 below its expert alone at any eval point.
+- ``ik`` never falls more than 0.05 below its expert alone at any eval point: below the expert's success on
+  --expert-episodes episodes, and below its success on that eval's own episodes.
 
 Every finished run is recorded in --out/logs and reused by the next invocation with the same command,
 so a bench that spans several sessions continues where it stopped; an unfinished one resumes from its
@@ -77,6 +79,7 @@ TASKS = {
                      ik_long_horizon=f"--expert-type ik --residual-scale 0.2 {RESIDUAL_TECHNIQUES} "
                                      f"--gamma 0.97 --gae-lambda 0.95")),
 }
+GOOD_EXPERT_CONFIGS = ("ik", "ik_sparse", "ik_long_horizon")  # the configurations held to the (c) target
 LABELS = dict(zero="PPO (zero expert)", weak_ik="residual PPO, imperfect IK", ik="residual PPO, IK",
               weak_ik_adaptive="residual PPO, imperfect IK, adaptive scale",
               ik_sparse="residual PPO, IK, sparse reward", ik_long_horizon="residual PPO, IK, gamma 0.97")
@@ -108,22 +111,32 @@ class Args:
     command is reused (so an interrupted bench, or one with a configuration added, continues)"""
 
 
+def _ik_settings(config: str, task: dict) -> tuple[float, float]:
+    """A configuration's IK expert: its gain and its calibration error in millimetres."""
+    flags = shlex.split(task["configs"][config])
+    value = lambda flag, default: type(default)(flags[flags.index(flag) + 1]) if flag in flags else default
+    return value("--ik-gain", 1.0), value("--ik-calibration-mm", 0.0)
+
+
+def _ik_expert_on(env, config: str, task: dict, args: Args) -> "util.ExpertResidualWrapper":
+    """``env`` wrapped with a configuration's IK expert, to be stepped with a zero residual."""
+    gain, millimetres = _ik_settings(config, task)
+    calibration = experts.CalibrationError(millimetres, 0.0, 0) if millimetres else None
+    return util.ExpertResidualWrapper(env, experts.IKExpert(args.task, task["control_mode"], gain, calibration))
+
+
 def expert_alone(config: str, task: dict, args: Args) -> float:
     """success_once of a configuration's IK expert with a zero residual, in full episodes as ppo.py evaluates
     (recorded in --out like the runs, and reused unless --rerun)."""
-    flags = shlex.split(task["configs"][config])
-    value = lambda flag, default: type(default)(flags[flags.index(flag) + 1]) if flag in flags else default
-    gain, millimetres = value("--ik-gain", 1.0), value("--ik-calibration-mm", 0.0)
+    gain, millimetres = _ik_settings(config, task)
     record_path = os.path.join(args.out, "logs", f"expert_alone_{config}_{args.expert_episodes}ep.json")
     if not args.rerun and os.path.isfile(record_path):
         with open(record_path) as f:
             record = json.load(f)
         if (record["gain"], record.get("calibration_mm", 0.0)) == (gain, millimetres):
             return record["success_once"]
-    env = util.make_env(args.task, args.num_eval_envs, "cpu", ignore_terminations=True,
-                        control_mode=task["control_mode"])
-    calibration = experts.CalibrationError(millimetres, 0.0, 0) if millimetres else None
-    wrapped = util.ExpertResidualWrapper(env, experts.IKExpert(args.task, task["control_mode"], gain, calibration))
+    wrapped = _ik_expert_on(util.make_env(args.task, args.num_eval_envs, "cpu", ignore_terminations=True,
+                                          control_mode=task["control_mode"]), config, task, args)
     wrapped.reset(seed=12345)
     zero = torch.zeros(args.num_eval_envs, wrapped.action_dim)
     successes = []
@@ -137,6 +150,29 @@ def expert_alone(config: str, task: dict, args: Args) -> float:
         json.dump(dict(gain=gain, calibration_mm=millimetres, episodes=args.expert_episodes,
                        success_once=success_once), f)
     return success_once
+
+
+def expert_on_eval_episodes(config: str, seed: int, evals: int, task: dict, args: Args) -> list[dict]:
+    """A configuration's IK expert alone (residual zero) on the episodes of a run's first ``evals`` evals:
+    ppo.py's eval envs for ``seed``, built, seeded and evaluated as ppo.py does, so that eval k here and eval
+    k of the run see the same episodes. Each eval's metrics (success_once, return, ...); recorded in --out
+    and reused unless --rerun."""
+    record_path = os.path.join(args.out, "logs", f"expert_on_evals_{config}_s{seed}.json")
+    if not args.rerun and os.path.isfile(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+        if record["flags"] == task["configs"][config] and len(record["evals"]) >= evals:
+            return record["evals"][:evals]
+    env = util.make_env(args.task, args.num_eval_envs, "cpu", ignore_terminations=True,
+                        reconfiguration_freq=1, control_mode=task["control_mode"])  # ppo.py's eval envs
+    wrapped = _ik_expert_on(env, config, task, args)
+    wrapped.reset(seed=seed + 1_000_000)
+    zero = torch.zeros(args.num_eval_envs, wrapped.action_dim)
+    metrics = [util.evaluate(wrapped, lambda obs: zero, wrapped.max_episode_steps) for _ in range(evals)]
+    wrapped.close()
+    with open(record_path, "w") as f:
+        json.dump(dict(flags=task["configs"][config], evals=metrics), f)
+    return metrics
 
 
 LONGEST_GAP = 300.0  # seconds between two logged events beyond which a run counts as paused or stopped
@@ -346,7 +382,7 @@ def main():
 
     alone = {}
     for config, users in (("weak_ik", ("weak_ik", "weak_ik_adaptive")),
-                          ("ik", ("ik", "ik_sparse", "ik_long_horizon"))):
+                          ("ik", GOOD_EXPERT_CONFIGS)):
         if any(c in users for c, _ in planned):
             alone[config] = expert_alone(config, task, args)
             print(f"{config} expert alone ({task['configs'][config].split(' --residual')[0]}): success_once "
@@ -354,12 +390,18 @@ def main():
 
     runs = [run for config, seed in planned if (run := train(config, seed, task, args))]
     finals = [final_eval(run, args) if args.final_episodes else None for run in runs]
+    for run in runs:  # the good expert alone on the episodes of each of its runs' evals, for a paired comparison
+        if run["config"] in GOOD_EXPERT_CONFIGS:
+            same = expert_on_eval_episodes("ik", run["seed"], len(run["steps"]), task, args)
+            run["expert_on_same_episodes"] = [m["success_once"] for m in same]
 
     with open(os.path.join(args.out, "learning.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["config", "seed", "env_steps", "success_once"])
+        writer.writerow(["config", "seed", "env_steps", "success_once", "expert_alone_on_these_episodes"])
         for run in runs:
-            writer.writerows([run["config"], run["seed"], s, v] for s, v in zip(run["steps"], run["success_once"]))
+            same = run.get("expert_on_same_episodes", [""] * len(run["steps"]))
+            writer.writerows([run["config"], run["seed"], s, v, e]
+                             for s, v, e in zip(run["steps"], run["success_once"], same))
     if runs:
         plot(runs, alone, os.path.join(args.out, "learning.png"), task, args)
 
@@ -379,11 +421,15 @@ def main():
     if by_config["weak_ik"]:
         summary["weak_ik_seeds"] = len(by_config["weak_ik"])
         summary["weak_ik_reaches_0.9_every_seed"] = all(r["first_step_at_0_9"] is not None for r in by_config["weak_ik"])
-    for config in ("ik", "ik_sparse", "ik_long_horizon"):
+    for config in GOOD_EXPERT_CONFIGS:
         if by_config.get(config):
             summary[f"{config}_seeds"] = len(by_config[config])
             summary[f"{config}_worst_eval"] = min(r["min"] for r in by_config[config])
             summary[f"{config}_never_below_expert_minus_0.05"] = summary[f"{config}_worst_eval"] >= alone["ik"] - 0.05
+            drop = max(expert - policy for r in by_config[config]
+                       for policy, expert in zip(r["success_once"], r["expert_on_same_episodes"]))
+            summary[f"{config}_largest_drop_below_expert_on_the_same_episodes"] = drop
+            summary[f"{config}_never_below_expert_on_the_same_episodes_minus_0.05"] = drop <= 0.05
     missing = [f"{c}:{s}" for c, s in planned if not any(r["config"] == c and r["seed"] == s for r in runs)]
     if missing:
         summary["runs_not_yet_made"] = missing

@@ -1,5 +1,5 @@
-"""bench/learning.py: reading a run's event log (its eval curve, and the time it spent running), and when it
-evaluates a final checkpoint."""
+"""bench/learning.py: reading a run's event log (its eval curve, and the time it spent running), when it
+evaluates a final checkpoint, and the expert alone on the episodes of a run's evals."""
 
 import importlib.util
 import os
@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,3 +71,30 @@ def test_a_negative_final_episode_count_is_refused_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --final-episodes must be >= 0 (0: no final evaluation), got -5"]
     assert not os.path.exists(tmp_path / "logs")  # refused before anything is written
+
+
+def test_the_expert_alone_is_measured_on_the_episodes_of_each_eval_of_a_run(learning, tmp_path):
+    """With its residual scaled to nothing a run executes its expert alone, so each of its evals is the expert's
+    on that eval's episodes. Rebuilding the run's eval envs for its seed, the bench must find every eval's
+    return again; the three evals' returns differ, so a bench that measured other episodes would not."""
+    flags = "--expert-type ik --ik-gain 0.28"
+    proc = subprocess.run([sys.executable, "ppo.py", "--sim-backend", "cpu", "--env-id", "PickCube-v1",
+                           "--control-mode", "pd_ee_delta_pos", "--seed", "3", "--num-envs", "2",
+                           "--num-eval-envs", "2", "--num-steps", "8", "--num-minibatches", "2",
+                           "--total-timesteps", "32", "--eval-freq", "1", "--no-capture-video",
+                           "--output-dir", str(tmp_path / "runs"), "--residual-scale", "0", *flags.split()],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    run_returns = [e.value for e in events.Scalars("eval/return")]
+    assert len(run_returns) == 3 and len(set(run_returns)) == 3  # after iterations 1 and 2, and at the end
+
+    (tmp_path / "logs").mkdir()
+    task = dict(control_mode="pd_ee_delta_pos", configs=dict(weak=flags))
+    args = learning.Args(task="PickCube-v1", out=str(tmp_path), num_eval_envs=2)
+    metrics = learning.expert_on_eval_episodes("weak", 3, 3, task, args)
+
+    assert [m["return"] for m in metrics] == pytest.approx(run_returns, rel=1e-5)
+    assert [m["episodes"] for m in metrics] == [2, 2, 2]
