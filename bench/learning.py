@@ -392,6 +392,8 @@ def main():
     finals = [final_eval(run, args) if args.final_episodes else None for run in runs]
     for run in runs:  # the good expert alone on the episodes of each of its runs' evals, for a paired comparison
         if run["config"] in GOOD_EXPERT_CONFIGS:
+            print(f"{run['config']} seed {run['seed']}: the ik expert alone on the episodes of its "
+                  f"{len(run['steps'])} evals", flush=True)
             same = expert_on_eval_episodes("ik", run["seed"], len(run["steps"]), task, args)
             run["expert_on_same_episodes"] = [m["success_once"] for m in same]
 
