@@ -111,6 +111,15 @@ class Args:
     command is reused (so an interrupted bench, or one with a configuration added, continues)"""
 
 
+def _write_json(path: str, data) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: a record that later invocations reuse
+    is never left half-written by a bench that is stopped."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
 def _ik_settings(config: str, task: dict) -> tuple[float, float]:
     """A configuration's IK expert: its gain and its calibration error in millimetres."""
     flags = shlex.split(task["configs"][config])
@@ -146,9 +155,8 @@ def expert_alone(config: str, task: dict, args: Args) -> float:
         successes.append(info["final_info"]["episode"]["success_once"])
     wrapped.close()
     success_once = torch.cat(successes)[:args.expert_episodes].float().mean().item()
-    with open(record_path, "w") as f:
-        json.dump(dict(gain=gain, calibration_mm=millimetres, episodes=args.expert_episodes,
-                       success_once=success_once), f)
+    _write_json(record_path, dict(gain=gain, calibration_mm=millimetres, episodes=args.expert_episodes,
+                                  success_once=success_once))
     return success_once
 
 
@@ -161,7 +169,8 @@ def expert_on_eval_episodes(config: str, seed: int, evals: int, task: dict, args
     if not args.rerun and os.path.isfile(record_path):
         with open(record_path) as f:
             record = json.load(f)
-        if record["flags"] == task["configs"][config] and len(record["evals"]) >= evals:
+        if ((record["flags"], record["num_eval_envs"]) == (task["configs"][config], args.num_eval_envs)
+                and len(record["evals"]) >= evals):
             return record["evals"][:evals]
     env = util.make_env(args.task, args.num_eval_envs, "cpu", ignore_terminations=True,
                         reconfiguration_freq=1, control_mode=task["control_mode"])  # ppo.py's eval envs
@@ -170,8 +179,7 @@ def expert_on_eval_episodes(config: str, seed: int, evals: int, task: dict, args
     zero = torch.zeros(args.num_eval_envs, wrapped.action_dim)
     metrics = [util.evaluate(wrapped, lambda obs: zero, wrapped.max_episode_steps) for _ in range(evals)]
     wrapped.close()
-    with open(record_path, "w") as f:
-        json.dump(dict(flags=task["configs"][config], evals=metrics), f)
+    _write_json(record_path, dict(flags=task["configs"][config], num_eval_envs=args.num_eval_envs, evals=metrics))
     return metrics
 
 
@@ -261,8 +269,7 @@ def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
         proc = _start_ppo(launch[1:], log)
         if not resume_from:
             run_dir = _new_run_dir(runs, runs_before, f"{args.task}__{exp_name}__", proc)
-            with open(started_path, "w") as f:
-                json.dump(dict(command=shlex.join(command[1:]), run_dir=run_dir), f)
+            _write_json(started_path, dict(command=shlex.join(command[1:]), run_dir=run_dir))
         proc.wait()
     seconds = time.time() - start
     if proc.returncode != 0:
@@ -274,8 +281,7 @@ def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
                   running_seconds=running, steps=[s for s, _ in curve], success_once=[v for _, v in curve])
     if resume_from:  # seconds is then the last invocation's only; running_seconds covers them all
         record["resumed_from"] = resume_from
-    with open(record_path, "w") as f:
-        json.dump(record, f, indent=2)
+    _write_json(record_path, record)
     return record
 
 
@@ -322,8 +328,7 @@ def final_eval(record: dict, args: Args) -> Optional[dict]:
                                 command=shlex.join(argv))
     print(f"  final checkpoint: success_once {metrics['success_once']:.3f} on {metrics['episodes']} episodes",
           flush=True)
-    with open(_record_path(args, record["config"], record["seed"]), "w") as f:
-        json.dump(record, f, indent=2)
+    _write_json(_record_path(args, record["config"], record["seed"]), record)
     return record["final_eval"]
 
 
@@ -441,8 +446,7 @@ def main():
                   ppo_flags=task["ppo_flags"], args=vars(args), expert_alone=alone, targets=summary,
                   wall_clock_seconds=time.time() - bench_start,
                   training_seconds_total=sum(r.get("running_seconds", r["seconds"]) for r in runs), runs=runs)
-    with open(os.path.join(args.out, "learning.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    _write_json(os.path.join(args.out, "learning.json"), result)
     print(f"wrote {args.out}/learning.csv, learning.png, learning.json "
           f"({(time.time() - bench_start) / 60:.0f} min in all)")
 
