@@ -111,15 +111,6 @@ class Args:
     command is reused (so an interrupted bench, or one with a configuration added, continues)"""
 
 
-def _write_json(path: str, data) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: a record that later invocations reuse
-    is never left half-written by a bench that is stopped."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
 def _ik_settings(config: str, task: dict) -> tuple[float, float]:
     """A configuration's IK expert: its gain and its calibration error in millimetres."""
     flags = shlex.split(task["configs"][config])
@@ -155,7 +146,7 @@ def expert_alone(config: str, task: dict, args: Args) -> float:
         successes.append(info["final_info"]["episode"]["success_once"])
     wrapped.close()
     success_once = torch.cat(successes)[:args.expert_episodes].float().mean().item()
-    _write_json(record_path, dict(gain=gain, calibration_mm=millimetres, episodes=args.expert_episodes,
+    util.save_json(record_path, dict(gain=gain, calibration_mm=millimetres, episodes=args.expert_episodes,
                                   success_once=success_once))
     return success_once
 
@@ -179,7 +170,8 @@ def expert_on_eval_episodes(config: str, seed: int, evals: int, task: dict, args
     zero = torch.zeros(args.num_eval_envs, wrapped.action_dim)
     metrics = [util.evaluate(wrapped, lambda obs: zero, wrapped.max_episode_steps) for _ in range(evals)]
     wrapped.close()
-    _write_json(record_path, dict(flags=task["configs"][config], num_eval_envs=args.num_eval_envs, evals=metrics))
+    util.save_json(record_path, dict(flags=task["configs"][config], num_eval_envs=args.num_eval_envs,
+                                     evals=metrics))
     return metrics
 
 
@@ -269,7 +261,7 @@ def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
         proc = _start_ppo(launch[1:], log)
         if not resume_from:
             run_dir = _new_run_dir(runs, runs_before, f"{args.task}__{exp_name}__", proc)
-            _write_json(started_path, dict(command=shlex.join(command[1:]), run_dir=run_dir))
+            util.save_json(started_path, dict(command=shlex.join(command[1:]), run_dir=run_dir))
         proc.wait()
     seconds = time.time() - start
     if proc.returncode != 0:
@@ -281,7 +273,7 @@ def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
                   running_seconds=running, steps=[s for s, _ in curve], success_once=[v for _, v in curve])
     if resume_from:  # seconds is then the last invocation's only; running_seconds covers them all
         record["resumed_from"] = resume_from
-    _write_json(record_path, record)
+    util.save_json(record_path, record)
     return record
 
 
@@ -328,7 +320,7 @@ def final_eval(record: dict, args: Args) -> Optional[dict]:
                                 command=shlex.join(argv))
     print(f"  final checkpoint: success_once {metrics['success_once']:.3f} on {metrics['episodes']} episodes",
           flush=True)
-    _write_json(_record_path(args, record["config"], record["seed"]), record)
+    util.save_json(_record_path(args, record["config"], record["seed"]), record)
     return record["final_eval"]
 
 
@@ -446,7 +438,7 @@ def main():
                   ppo_flags=task["ppo_flags"], args=vars(args), expert_alone=alone, targets=summary,
                   wall_clock_seconds=time.time() - bench_start,
                   training_seconds_total=sum(r.get("running_seconds", r["seconds"]) for r in runs), runs=runs)
-    _write_json(os.path.join(args.out, "learning.json"), result)
+    util.save_json(os.path.join(args.out, "learning.json"), result)
     print(f"wrote {args.out}/learning.csv, learning.png, learning.json "
           f"({(time.time() - bench_start) / 60:.0f} min in all)")
 

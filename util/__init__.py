@@ -20,8 +20,9 @@ from .residual import (FUSIONS, SCALE_MODES, SCALE_SCHEDULES, CriticWarmup, Expe
 from .run import (STOP_SIGNALS, Distributed, EpisodeMetrics, FatalError, GracefulStop, PhaseTimer, UsageError,
                   WorkerDied, check_checkpoint, check_finite, check_flags, check_resume, check_writable, first_line,
                   init_distributed, load_checkpoint, load_optimizer_state, peak_gpu_memory, resume_args, rng_state,
-                  run_cli, save_checkpoint, save_run_checkpoint, save_video, set_rng_state, step_where, versions,
-                  RunOutput, close_run, eval_line, evaluate, restore_training, save_training_checkpoint, seed_everything)
+                  run_cli, save_checkpoint, save_json, save_run_checkpoint, save_video, set_rng_state, step_where,
+                  versions, RunOutput, close_run, eval_line, evaluate, restore_training, save_training_checkpoint,
+                  seed_everything)
 
 
 __all__ = ["NO_CUDA_VULKAN", "CpuVectorEnv", "NativeVectorEnv", "available_cores", "check_env_id", "check_reward_mode",
@@ -29,8 +30,8 @@ __all__ = ["NO_CUDA_VULKAN", "CpuVectorEnv", "NativeVectorEnv", "available_cores
            "SCALE_SCHEDULES", "CriticWarmup", "ExpertResidualWrapper", "ResidualSchedule", "adaptive_scale",
            "check_fusion", "check_scale_mode", "compose_action", "consult", "expert_confidence", "flat_state",
            "image_policy_obs", "with_expert_action", "STOP_SIGNALS", "Distributed", "EpisodeMetrics", "FatalError",
-           "GracefulStop", "PhaseTimer", "UsageError", "WorkerDied", "check_checkpoint", "check_finite",
-           "check_flags", "check_resume", "check_writable", "first_line", "init_distributed", "load_checkpoint",
+           "GracefulStop", "PhaseTimer", "UsageError", "WorkerDied", "check_checkpoint", "check_finite", "check_flags",
+           "check_resume", "check_writable", "first_line", "init_distributed", "load_checkpoint",
            "load_optimizer_state", "peak_gpu_memory", "resume_args", "rng_state", "run_cli", "save_checkpoint",
-           "save_run_checkpoint", "save_video", "set_rng_state", "step_where", "versions", "RunOutput", "close_run",
-           "eval_line", "evaluate", "restore_training", "save_training_checkpoint", "seed_everything"]
+           "save_json", "save_run_checkpoint", "save_video", "set_rng_state", "step_where", "versions", "RunOutput",
+           "close_run", "eval_line", "evaluate", "restore_training", "save_training_checkpoint", "seed_everything"]

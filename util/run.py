@@ -353,13 +353,13 @@ def init_distributed(cuda_training: bool, gpu_simulation: bool) -> Distributed:
 # ----------------------------------------------------------------------------------------------
 # Checkpoints, resuming, numerical checks and videos
 # ----------------------------------------------------------------------------------------------
-def save_checkpoint(path: str, payload: dict) -> None:
-    """Write atomically: a temporary file, fsync, then rename, so a crash never leaves a torn file."""
+def write_atomically(path: str, write: Callable[[Any], None]) -> None:
+    """``write(f)`` into a temporary binary file, fsync, then rename, so a crash never leaves a torn file."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
-        torch.save(payload, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -368,6 +368,15 @@ def save_checkpoint(path: str, payload: dict) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_checkpoint(path: str, payload: dict) -> None:
+    write_atomically(path, lambda f: torch.save(payload, f))
+
+
+def save_json(path: str, data) -> None:
+    """Write ``data`` as indented JSON, atomically: records that a later run reads are never half-written."""
+    write_atomically(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
 def save_run_checkpoint(run_dir: str, name: str, payload: dict, keep: int) -> str:
@@ -612,8 +621,7 @@ class RunOutput:
         self.write_summary(summary)
 
     def write_summary(self, summary: dict) -> None:
-        with open(os.path.join(self.dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        save_json(os.path.join(self.dir, "summary.json"), summary)
 
     def close(self) -> None:
         if self.writer is not None:
