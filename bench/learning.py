@@ -28,8 +28,9 @@ Writes learning.csv, learning.png and learning.json to --out, and prints a table
 
 Every finished run is recorded in --out/logs and reused by the next invocation with the same command,
 so a bench that spans several sessions continues where it stopped; an unfinished one resumes from its
-newest checkpoint. A run's minutes are the time it spent running, read from its event log, so pauses
-and stops are left out.
+newest checkpoint. A clone without that --out (a fresh one) takes the finished runs from the committed
+outputs with --reuse-from docs/learning-<task>.json. A run's minutes are the time it spent running, read
+from its event log, so pauses and stops are left out.
 """
 
 import csv
@@ -109,6 +110,9 @@ class Args:
     rerun: bool = False
     """if toggled, rerun every training run; otherwise a run already recorded in --out with the same
     command is reused (so an interrupted bench, or one with a configuration added, continues)"""
+    reuse_from: Optional[str] = None
+    """an earlier learning.json (e.g. the committed docs/learning-<task>.json) whose finished runs and expert
+    measurements count as recorded in --out wherever --out has no record of its own (e.g. in a fresh clone)"""
 
 
 def _ik_settings(config: str, task: dict) -> tuple[float, float]:
@@ -220,6 +224,12 @@ def _start_ppo(argv: list[str], log) -> subprocess.Popen:
                             env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT)
 
 
+def _same_training(recorded: str, command: str) -> bool:
+    """Whether two ppo.py commands train alike: the same but for where they write their run."""
+    drop_output_dir = lambda argv: _set_flag(argv, "--output-dir", "") if "--output-dir" in argv else argv
+    return drop_output_dir(shlex.split(recorded)) == drop_output_dir(shlex.split(command))
+
+
 def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
     runs = os.path.join(args.out, "runs")
     exp_name = f"{config}_s{seed}"
@@ -236,7 +246,7 @@ def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
     if not args.rerun and os.path.isfile(record_path):
         with open(record_path) as f:
             record = json.load(f)
-        if record["command"] == shlex.join(command[1:]):
+        if _same_training(record["command"], shlex.join(command[1:])):
             print(f"{config} seed {seed}: reusing {record['run_dir']}", flush=True)
             if "running_seconds" not in record and os.path.isdir(record["run_dir"]):  # recorded before it was
                 record["running_seconds"] = read_events(record["run_dir"])[1]
@@ -275,6 +285,41 @@ def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
         record["resumed_from"] = resume_from
     util.save_json(record_path, record)
     return record
+
+
+DERIVED = ("final", "max", "min", "first_step_at_0_9", "lowest_after_0_9", "expert_on_same_episodes")
+
+
+def reuse_recorded(path: str, args: Args) -> list[str]:
+    """Write the records that an earlier learning.json holds (its runs, its experts alone, and the good expert
+    on the episodes of its runs' evals) into --out/logs, except where --out has its own. A run is then reused
+    only if its command is still the one the bench would launch, and an expert measurement only if its flags
+    still match. The runs taken, as config:seed."""
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+        runs, configs, earlier_args = earlier["runs"], earlier["configs"], earlier["args"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise util.UsageError(f"--reuse-from: {path} is not a learning.json written by this bench ({e})")
+    if earlier.get("env_id") != args.task:
+        raise util.UsageError(f"--reuse-from: {path} holds runs of {earlier.get('env_id')}, not of --task {args.task}")
+    taken = []
+    for run in runs:
+        record_path = _record_path(args, run["config"], run["seed"])
+        if not os.path.isfile(record_path):
+            util.save_json(record_path, {k: v for k, v in run.items() if k not in DERIVED})
+            taken.append(f"{run['config']}:{run['seed']}")
+        same = os.path.join(args.out, "logs", f"expert_on_evals_ik_s{run['seed']}.json")
+        if run.get("expert_on_same_episodes") and not os.path.isfile(same):
+            util.save_json(same, dict(flags=configs["ik"], num_eval_envs=earlier_args["num_eval_envs"],
+                                      evals=[dict(success_once=v) for v in run["expert_on_same_episodes"]]))
+    for config, success_once in earlier["expert_alone"].items():
+        record_path = os.path.join(args.out, "logs", f"expert_alone_{config}_{earlier_args['expert_episodes']}ep.json")
+        if not os.path.isfile(record_path):
+            gain, millimetres = _ik_settings(config, dict(configs=configs))
+            util.save_json(record_path, dict(gain=gain, calibration_mm=millimetres,
+                                             episodes=earlier_args["expert_episodes"], success_once=success_once))
+    return taken
 
 
 def _set_flag(argv: list[str], flag: str, value: str) -> list[str]:
@@ -376,6 +421,9 @@ def main():
     planned = planned_runs(task, args)
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     bench_start = time.time()
+    if args.reuse_from:
+        taken = reuse_recorded(args.reuse_from, args)
+        print(f"from {args.reuse_from}: {' '.join(taken) or 'no run that --out did not already hold'}", flush=True)
 
     alone = {}
     for config, users in (("weak_ik", ("weak_ik", "weak_ik_adaptive")),

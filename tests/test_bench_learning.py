@@ -2,6 +2,7 @@
 evaluates a final checkpoint, and the expert alone on the episodes of a run's evals."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -98,3 +99,54 @@ def test_the_expert_alone_is_measured_on_the_episodes_of_each_eval_of_a_run(lear
 
     assert [m["return"] for m in metrics] == pytest.approx(run_returns, rel=1e-5)
     assert [m["episodes"] for m in metrics] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("name", ["learning-PegInsertionSide-v1", "adaptive-PegInsertionSide-v1"])
+def test_a_fresh_clone_reports_the_committed_runs_again_from_their_json(name, tmp_path):
+    """The committed outputs were written from the bench's own records; an --out without them (a fresh clone),
+    given the committed learning.json, must write the same CSV and reach the same targets, without
+    training or simulating anything."""
+    committed = os.path.join(ROOT, "docs", f"{name}.json")
+    with open(committed) as f:
+        earlier = json.load(f)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "learning.py"), "--task", earlier["env_id"],
+                           "--runs", *earlier["args"]["runs"], "--no-train", "--reuse-from", committed,
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "learning.csv") as f, open(os.path.join(ROOT, "docs", f"{name}.csv")) as g:
+        assert f.read() == g.read()
+    with open(tmp_path / "learning.json") as f:
+        assert json.load(f)["targets"] == earlier["targets"]
+    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "final_eval")
+
+
+def test_an_out_folders_own_records_are_kept_over_an_earlier_json(learning, tmp_path):
+    committed = os.path.join(ROOT, "docs", "learning-PegInsertionSide-v1.json")
+    (tmp_path / "logs").mkdir()
+    own = tmp_path / "logs" / "ik_s1.json"
+    own.write_text('{"mine": true}')
+    args = learning.Args(task="PegInsertionSide-v1", out=str(tmp_path))
+    taken = learning.reuse_recorded(committed, args)
+    assert "ik:1" not in taken and "ik:2" in taken
+    assert json.loads(own.read_text()) == {"mine": True}
+    with open(tmp_path / "logs" / "expert_alone_weak_ik_200ep.json") as f:
+        assert json.load(f) == dict(gain=1.0, calibration_mm=3.0, episodes=200, success_once=0.25)
+
+
+def test_a_recorded_run_is_reused_only_for_the_same_training(learning):
+    recorded = "ppo.py --seed 1 --output-dir /elsewhere/runs --gamma 0.97"
+    assert learning._same_training(recorded, "ppo.py --seed 1 --output-dir bench/out/runs --gamma 0.97")
+    assert not learning._same_training(recorded, "ppo.py --seed 2 --output-dir /elsewhere/runs --gamma 0.97")
+    assert not learning._same_training(recorded, "ppo.py --seed 1 --output-dir /elsewhere/runs --gamma 0.8")
+
+
+def test_an_unusable_earlier_json_is_refused_in_one_line(learning, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "learning.py"), "--task", "PegInsertionSide-v1",
+                           "--no-train", "--reuse-from", str(tmp_path / "missing.json"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: --reuse-from: {tmp_path / 'missing.json'} is not a learning.json")
+    other_task = learning.Args(task="PickCube-v1", out=str(tmp_path))
+    with pytest.raises(learning.util.UsageError, match="holds runs of PegInsertionSide-v1, not of --task PickCube-v1"):
+        learning.reuse_recorded(os.path.join(ROOT, "docs", "learning-PegInsertionSide-v1.json"), other_task)
