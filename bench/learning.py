@@ -278,7 +278,7 @@ def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
         raise util.FatalError(f"{exp_name} failed (exit code {proc.returncode}); see {log_path}")
     run_dir = os.path.dirname(resume_from) if resume_from else run_dir
     curve, running = read_events(run_dir)
-    print(f"  {seconds / 60:.1f} min, eval success_once: " + " ".join(f"{v:.2f}" for _, v in curve), flush=True)
+    print(f"  {running / 60:.1f} min running, eval success_once: " + " ".join(f"{v:.2f}" for _, v in curve), flush=True)
     record = dict(config=config, seed=seed, command=shlex.join(command[1:]), run_dir=run_dir, seconds=seconds,
                   running_seconds=running, steps=[s for s, _ in curve], success_once=[v for _, v in curve])
     if resume_from:  # seconds is then the last invocation's only; running_seconds covers them all
