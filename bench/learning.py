@@ -419,11 +419,11 @@ def main():
         ROOT, "bench/out/learning" if args.task == "PickCube-v1" else f"bench/out/learning-{args.task}"))
     args.total_timesteps = args.total_timesteps or task["total_timesteps"]
     planned = planned_runs(task, args)
-    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     bench_start = time.time()
-    if args.reuse_from:
+    if args.reuse_from:  # before anything is written, so that an unusable file leaves --out as it was
         taken = reuse_recorded(args.reuse_from, args)
         print(f"from {args.reuse_from}: {' '.join(taken) or 'no run that --out did not already hold'}", flush=True)
+    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
 
     alone = {}
     for config, users in (("weak_ik", ("weak_ik", "weak_ik_adaptive")),

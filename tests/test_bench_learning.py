@@ -141,12 +141,14 @@ def test_a_recorded_run_is_reused_only_for_the_same_training(learning):
 
 
 def test_an_unusable_earlier_json_is_refused_in_one_line(learning, tmp_path):
+    out = tmp_path / "out"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "learning.py"), "--task", "PegInsertionSide-v1",
-                           "--no-train", "--reuse-from", str(tmp_path / "missing.json"), "--out", str(tmp_path / "out")],
+                           "--no-train", "--reuse-from", str(tmp_path / "missing.json"), "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"error: --reuse-from: {tmp_path / 'missing.json'} is not a learning.json")
+    assert not out.exists()  # refused before anything is written
     other_task = learning.Args(task="PickCube-v1", out=str(tmp_path))
     with pytest.raises(learning.util.UsageError, match="holds runs of PegInsertionSide-v1, not of --task PickCube-v1"):
         learning.reuse_recorded(os.path.join(ROOT, "docs", "learning-PegInsertionSide-v1.json"), other_task)
