@@ -133,7 +133,7 @@ def expert_alone(config: str, task: dict, args: Args) -> float:
     """success_once of a configuration's IK expert with a zero residual, in full episodes as ppo.py evaluates
     (recorded in --out like the runs, and reused unless --rerun)."""
     gain, millimetres = _ik_settings(config, task)
-    record_path = os.path.join(args.out, "logs", f"expert_alone_{config}_{args.expert_episodes}ep.json")
+    record_path = _expert_alone_path(args, config, args.expert_episodes)
     if not args.rerun and os.path.isfile(record_path):
         with open(record_path) as f:
             record = json.load(f)
@@ -160,7 +160,7 @@ def expert_on_eval_episodes(config: str, seed: int, evals: int, task: dict, args
     ppo.py's eval envs for ``seed``, built, seeded and evaluated as ppo.py does, so that eval k here and eval
     k of the run see the same episodes. Each eval's metrics (success_once, return, ...); recorded in --out
     and reused unless --rerun."""
-    record_path = os.path.join(args.out, "logs", f"expert_on_evals_{config}_s{seed}.json")
+    record_path = _expert_on_evals_path(args, config, seed)
     if not args.rerun and os.path.isfile(record_path):
         with open(record_path) as f:
             record = json.load(f)
@@ -214,6 +214,14 @@ def _new_run_dir(runs: str, before: set, prefix: str, proc: subprocess.Popen) ->
 
 def _record_path(args: Args, config: str, seed: int) -> str:
     return os.path.join(args.out, "logs", f"{config}_s{seed}.json")
+
+
+def _expert_alone_path(args: Args, config: str, episodes: int) -> str:
+    return os.path.join(args.out, "logs", f"expert_alone_{config}_{episodes}ep.json")
+
+
+def _expert_on_evals_path(args: Args, config: str, seed: int) -> str:
+    return os.path.join(args.out, "logs", f"expert_on_evals_{config}_s{seed}.json")
 
 
 def _start_ppo(argv: list[str], log) -> subprocess.Popen:
@@ -309,12 +317,12 @@ def reuse_recorded(path: str, args: Args) -> list[str]:
         if not os.path.isfile(record_path):
             util.save_json(record_path, {k: v for k, v in run.items() if k not in DERIVED})
             taken.append(f"{run['config']}:{run['seed']}")
-        same = os.path.join(args.out, "logs", f"expert_on_evals_ik_s{run['seed']}.json")
+        same = _expert_on_evals_path(args, "ik", run["seed"])
         if run.get("expert_on_same_episodes") and not os.path.isfile(same):
             util.save_json(same, dict(flags=configs["ik"], num_eval_envs=earlier_args["num_eval_envs"],
                                       evals=[dict(success_once=v) for v in run["expert_on_same_episodes"]]))
     for config, success_once in earlier["expert_alone"].items():
-        record_path = os.path.join(args.out, "logs", f"expert_alone_{config}_{earlier_args['expert_episodes']}ep.json")
+        record_path = _expert_alone_path(args, config, earlier_args["expert_episodes"])
         if not os.path.isfile(record_path):
             gain, millimetres = _ik_settings(config, dict(configs=configs))
             util.save_json(record_path, dict(gain=gain, calibration_mm=millimetres,
