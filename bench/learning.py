@@ -54,6 +54,7 @@ import experts  # noqa: E402
 import util  # noqa: E402
 
 RESIDUAL_TECHNIQUES = "--init-logstd -2 --critic-warmup-iters 2 --residual-warmup-steps 50000"
+LONG_HORIZON = "--gamma 0.97 --gae-lambda 0.95"  # ManiSkill's discounting for PegInsertionSide-v1
 # per task: control mode, budget, ppo.py flags of every run, the runs in the order they are made (seed by
 # seed, so that an interrupted bench already has every configuration), and each configuration's flags
 TASKS = {
@@ -79,11 +80,10 @@ TASKS = {
                      # one inserted
                      ik_sparse=f"--expert-type ik --residual-scale 0.2 {RESIDUAL_TECHNIQUES} --reward-mode sparse",
                      # at gamma 0.8 a step's return looks about five steps ahead, shorter than the final push
-                     ik_long_horizon=f"--expert-type ik --residual-scale 0.2 {RESIDUAL_TECHNIQUES} "
-                                     f"--gamma 0.97 --gae-lambda 0.95",
+                     ik_long_horizon=f"--expert-type ik --residual-scale 0.2 {RESIDUAL_TECHNIQUES} {LONG_HORIZON}",
                      # its residual drifted from the expert at 3e-4; smaller steps stay nearer the expert
                      ik_long_horizon_low_lr=f"--expert-type ik --residual-scale 0.2 {RESIDUAL_TECHNIQUES} "
-                                            f"--gamma 0.97 --gae-lambda 0.95 --learning-rate 1e-4")),
+                                            f"{LONG_HORIZON} --learning-rate 1e-4")),
 }
 # the configurations held to the (c) target
 GOOD_EXPERT_CONFIGS = ("ik", "ik_sparse", "ik_long_horizon", "ik_long_horizon_low_lr")
