@@ -30,8 +30,12 @@ train: setup
 		$(PY) ppo.py $(TRAIN_ARGS) $(TRAIN_CPU_ARGS); \
 	fi
 
+# Tests run in TEST_WORKERS processes (pytest-xdist): a test mostly drives one simulator process at a time, so
+# one test at a time leaves a core of a 2-core CI machine idle. TEST_WORKERS=0 runs them one at a time.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 bench: setup
 	$(PY) bench/throughput.py --out bench/out/throughput.json

@@ -14,6 +14,19 @@ TINY = ["--sim-backend", "cpu", "--num-envs", "2", "--num-eval-envs", "1", "--nu
         "--num-minibatches", "2", "--total-timesteps", "32", "--eval-freq", "1", "--eval-reconfiguration-freq", "0"]
 
 
+# the session-scoped training runs below; under pytest-xdist (`make test` runs two workers) each one's users share a
+# worker, so that no run is trained twice
+SHARED_RUNS = ("trained", "ik_run")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for name in SHARED_RUNS:
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(name))
+                break
+
+
 def run_script(script, args, cwd, timeout=600):
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)

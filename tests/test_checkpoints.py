@@ -94,19 +94,19 @@ RGB_POLICY_STATE = {"PickCube-v1": 18 + (1 + 7 + 3) + 4, "StackCube-v1": 18 + 7 
                     "PullCube-v1": 18 + (7 + 3) + 4}
 
 
-def test_image_policy_state_on_the_cpu_backend_for_every_ik_task():
-    for task, want in RGB_POLICY_STATE.items():
-        env = util.make_env(task, 1, sim_backend="cpu", obs_mode="state_dict+rgb", control_mode="pd_ee_delta_pos",
-                            sensor_configs=dict(width=36, height=36))
-        try:
-            ik = experts.IKExpert(task, env.control_mode)
-            for include_state, size in ((True, want), (False, 4)):
-                wrapper = util.ExpertResidualWrapper(env, ik, policy_obs_fn=util.image_policy_obs(env, include_state))
-                obs, _ = wrapper.reset(seed=0)
-                assert obs["state"].shape == (1, size), (task, include_state)
-                assert obs["rgb"].shape[:3] == (1, 36, 36) and obs["rgb"].dtype == torch.uint8
-        finally:
-            env.close()
+@pytest.mark.parametrize("task", RGB_POLICY_STATE)
+def test_image_policy_state_on_the_cpu_backend_for_every_ik_task(task):
+    env = util.make_env(task, 1, sim_backend="cpu", obs_mode="state_dict+rgb", control_mode="pd_ee_delta_pos",
+                        sensor_configs=dict(width=36, height=36))
+    try:
+        ik = experts.IKExpert(task, env.control_mode)
+        for include_state, size in ((True, RGB_POLICY_STATE[task]), (False, 4)):
+            wrapper = util.ExpertResidualWrapper(env, ik, policy_obs_fn=util.image_policy_obs(env, include_state))
+            obs, _ = wrapper.reset(seed=0)
+            assert obs["state"].shape == (1, size), include_state
+            assert obs["rgb"].shape[:3] == (1, 36, 36) and obs["rgb"].dtype == torch.uint8
+    finally:
+        env.close()
 
 
 def test_a_checkpoint_holding_a_pickled_object_is_refused_unexecuted(tmp_path):
