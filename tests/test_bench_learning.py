@@ -1,5 +1,6 @@
 """bench/learning.py: reading a run's event log (its eval curve, and the time it spent running), when it
-evaluates a final checkpoint, and the expert alone on the episodes of a run's evals."""
+evaluates a final checkpoint, and the expert alone on the episodes of a run's evals; bench/outcome_sensitivity.py's
+replay of those episodes."""
 
 import importlib.util
 import json
@@ -99,6 +100,29 @@ def test_the_expert_alone_is_measured_on_the_episodes_of_each_eval_of_a_run(lear
 
     assert [m["return"] for m in metrics] == pytest.approx(run_returns, rel=1e-5)
     assert [m["episodes"] for m in metrics] == [2, 2, 2]
+
+
+def test_the_outcome_sensitivity_bench_replays_the_same_episodes_and_applies_its_residual(learning, tmp_path):
+    """bench/outcome_sensitivity.py pairs episode by episode with the expert alone on ppo.py's eval episodes:
+    its zero residual must give, eval by eval, the returns bench/learning.py's replay finds there (those match
+    a run's own evals, above), and a residual of 0.5 must change them."""
+    spec = importlib.util.spec_from_file_location("sensitivity_bench",
+                                                  os.path.join(ROOT, "bench", "outcome_sensitivity.py"))
+    sensitivity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sensitivity)
+    out = tmp_path / "sensitivity.json"
+    sensitivity.main(sensitivity.Args(task="PickCube-v1", control_mode="pd_ee_delta_pos", seed=3, num_eval_envs=2,
+                                      evals=3, residuals=[0.0, 0.5], out=str(out)))
+    replays = json.load(open(out))["replays"]
+
+    (tmp_path / "logs").mkdir()
+    task = dict(control_mode="pd_ee_delta_pos", configs=dict(ik="--expert-type ik"))
+    args = learning.Args(task="PickCube-v1", out=str(tmp_path), num_eval_envs=2)
+    want = [m["return"] for m in learning.expert_on_eval_episodes("ik", 3, 3, task, args)]
+    assert len(set(want)) == 3, "the evals differ, so a replay of other episodes would not match"
+    assert [sum(r) / 2 for r in replays["0.0"]["returns"]] == pytest.approx(want, rel=1e-5)
+    assert [sum(r) / 2 for r in replays["0.5"]["returns"]] != pytest.approx(want, rel=1e-3)
+    assert all(len(e) == 2 for e in replays["0.5"]["outcomes"])
 
 
 @pytest.mark.parametrize("name", ["learning-PegInsertionSide-v1", "adaptive-PegInsertionSide-v1"])
