@@ -15,12 +15,17 @@ from torch.utils.tensorboard import SummaryWriter
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def learning():
-    spec = importlib.util.spec_from_file_location("learning_bench", os.path.join(ROOT, "bench", "learning.py"))
+def load_bench(name):
+    """bench/<name>.py as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", os.path.join(ROOT, "bench", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def learning():
+    return load_bench("learning")
 
 
 def test_a_paused_and_resumed_run_counts_only_its_running_time(learning, tmp_path):
@@ -106,10 +111,7 @@ def test_the_outcome_sensitivity_bench_replays_the_same_episodes_and_applies_its
     """bench/outcome_sensitivity.py pairs episode by episode with the expert alone on ppo.py's eval episodes:
     its zero residual must give, eval by eval, the returns bench/learning.py's replay finds there (those match
     a run's own evals, above), and a residual of 0.5 must change them."""
-    spec = importlib.util.spec_from_file_location("sensitivity_bench",
-                                                  os.path.join(ROOT, "bench", "outcome_sensitivity.py"))
-    sensitivity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sensitivity)
+    sensitivity = load_bench("outcome_sensitivity")
     out = tmp_path / "sensitivity.json"
     sensitivity.main(sensitivity.Args(task="PickCube-v1", control_mode="pd_ee_delta_pos", seed=3, num_eval_envs=2,
                                       evals=3, residuals=[0.0, 0.5], out=str(out)))
