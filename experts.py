@@ -2,7 +2,8 @@
 
 Every expert satisfies one interface, ``expert(obs: dict) -> torch.Tensor``, where ``obs`` is the
 ``state_dict`` observation the backend returned (``{"agent": {...}, "extra": {...}}``, batched tensors).
-``ExpertResidualWrapper`` calls it once per step; any plain function with that signature works too.
+``ExpertResidualWrapper`` calls it once per step (and on the final observation of episodes that end); any
+plain function with that signature works too.
 
 - ``ZeroExpert``: no prior; the residual is the whole action.
 - ``IKExpert``: a scripted controller per task (position and orientation), in the env's control mode.
@@ -417,8 +418,8 @@ def ik_control_modes(env_id: str) -> tuple[str, ...]:
         # limits; ManiSkill's pose controller finds another arm configuration
         return ("pd_ee_delta_pose",)
     if env_id == "PlugCharger-v1":
-        # turning the held charger far about its own pitch, ManiSkill's pose controller stops short in about a
-        # third of the episodes (bench/RESULTS.md); the damped IK keeps going
+        # turning the held charger far about its own pitch, ManiSkill's pose controller often stops short
+        # (bench/RESULTS.md, Experts); the damped IK keeps going
         return ("pd_joint_delta_pos", "pd_ee_delta_pose")
     if env_id in TURNING_PLANS:
         return ("pd_ee_delta_pose", "pd_joint_delta_pos")

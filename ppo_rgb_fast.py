@@ -59,7 +59,7 @@ class Args:
     evaluate: bool = False
     """if toggled, only evaluate the policy in --checkpoint"""
     checkpoint: Optional[str] = None
-    """path to a checkpoint (.pt) to evaluate (--evaluate) or to resume from (--resume)"""
+    """path to a checkpoint (.pt) to evaluate (with --evaluate) or to resume from (with --resume)"""
     resume: bool = False
     """if toggled, continue the run of --checkpoint in its own directory, from the iteration it saved"""
     keep_checkpoints: int = 3
@@ -391,6 +391,9 @@ def check_args(args: Args) -> None:
         raise util.UsageError("--evaluate needs --checkpoint PATH")
     if args.evaluate and args.resume:
         raise util.UsageError("--evaluate and --resume exclude each other: evaluate a checkpoint, or resume its run")
+    if args.checkpoint is not None and not (args.evaluate or args.resume):
+        raise util.UsageError(f"--checkpoint is read only with --evaluate or --resume; to build on a trained policy, "
+                              f"make it the expert: --expert-type model --model-path {args.checkpoint}")
     batch_size = args.num_envs * args.num_steps
     if batch_size % args.num_minibatches:
         raise util.UsageError(f"--num-minibatches {args.num_minibatches} does not divide the batch of "
@@ -655,8 +658,7 @@ def main():
                 torch.compiler.cudagraph_mark_step_begin()
             with timer("policy"), torch.no_grad():
                 action, logprob, value = policy(next_obs)
-            # key by key into the preallocated container: building a TensorDict per step cost the CPU rollout
-            # 0.07 ms a step, these writes 0.01 ms
+            # key by key into the preallocated container: cheaper on the CPU rollout than a new TensorDict a step
             container["obs"][step] = next_obs
             container["dones"][step] = next_done
             container["vals"][step] = value.flatten()

@@ -1,12 +1,12 @@
 """Learning benchmark: residual PPO on top of an expert against plain PPO, on the CPU backend.
 
-Runs ppo.py as subprocesses, one after the other, for a fixed budget of env steps per run, in up to
-three configurations of a task (--task, see TASKS):
+Runs ppo.py as subprocesses, one after the other, for a fixed budget of env steps per run, in the
+configurations of a task (--task, see TASKS): three by default, any of them with --runs:
 
 - ``zero``: plain PPO (the zero expert, residual scale 1);
-- ``weak_ik``: residual PPO over an imperfect IK expert: on PickCube-v1 one at a fifth of the gain
+- ``weak_ik``: residual PPO over an imperfect IK expert: on PickCube-v1 one at a reduced gain
   (``--ik-gain 0.28``), on PegInsertionSide-v1 one that perceives the hole 3 mm off
-  (``--ik-calibration-mm 3``), both succeeding in well under half the episodes alone;
+  (``--ik-calibration-mm 3``), both chosen to succeed in at most half the episodes alone;
 - ``ik``: residual PPO over the good IK expert;
 - ``weak_ik_adaptive``: ``weak_ik`` with adaptive residual scaling (``--residual-scale-mode adaptive``), not
   in the default list: ``--runs weak_ik:1 weak_ik_adaptive:1 ...`` compares the two;
@@ -31,7 +31,8 @@ Writes learning.csv, learning.png and learning.json to --out, and prints a table
 Every finished run is recorded in --out/logs and reused by the next invocation with the same command,
 so a bench that spans several sessions continues where it stopped; an unfinished one resumes from its
 newest checkpoint. A clone without that --out (a fresh one) takes the finished runs from the committed
-outputs with --reuse-from docs/learning-<task>.json. A run's minutes are the time it spent running, read
+outputs with --reuse-from docs/learning-PegInsertionSide-v1.json (PickCube-v1's runs predate the JSON
+and have only docs/learning.csv). A run's minutes are the time it spent running, read
 from its event log, so pauses and stops are left out.
 """
 
@@ -121,8 +122,8 @@ class Args:
     """if toggled, rerun every training run; otherwise a run already recorded in --out with the same
     command is reused (so an interrupted bench, or one with a configuration added, continues)"""
     reuse_from: Optional[str] = None
-    """an earlier learning.json (e.g. the committed docs/learning-<task>.json) whose finished runs and expert
-    measurements count as recorded in --out wherever --out has no record of its own (e.g. in a fresh clone)"""
+    """an earlier learning.json (e.g. the committed docs/learning-PegInsertionSide-v1.json) whose finished runs
+    and expert measurements count as recorded in --out wherever --out has no record of its own (a fresh clone)"""
 
 
 def _ik_settings(config: str, task: dict) -> tuple[float, float]:
@@ -236,8 +237,8 @@ def _expert_on_evals_path(args: Args, config: str, seed: int) -> str:
 
 def _start_ppo(argv: list[str], log) -> subprocess.Popen:
     """ppo.py with ``argv``, from the repository's root, its output to ``log``."""
-    # One OpenMP thread: on a machine shared with other jobs, a second thread spinning at every barrier
-    # made the update tens of times slower, and a batch of 400 samples gains nothing from it.
+    # One OpenMP thread: on a machine shared with other jobs, a second thread spins at every barrier while
+    # the other is descheduled, and a batch of 400 samples gains nothing from a second thread.
     return subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT)
 

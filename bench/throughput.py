@@ -57,9 +57,9 @@ class Args:
     steps: int = 600
     """batched steps per vectorized measurement (single env: steps x num_envs / 4)"""
     train_timesteps: int = 24_000
-    """env steps of each training run (ppo.py, ppo_fast.py, ppo_fast.py --compile)"""
+    """env steps of each state training run (ppo.py, ppo_fast.py, ppo_fast.py --compile, ppo.py under torchrun)"""
     train_repeats: int = 3
-    """interleaved repeats of the three state training runs"""
+    """interleaved repeats of the four state training runs"""
     rgb_num_envs: int = 4
     """envs for the RGB measurements (128x128 camera)"""
     rgb_steps: int = 100

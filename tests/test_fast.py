@@ -223,7 +223,7 @@ def test_gpu_backend_needs_cuda(script, extra, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# residual techniques and reliability, as in ppo.py (eager: compiling would cost 20-40 s per run)
+# residual techniques and reliability, as in ppo.py (eager: compiling every run would dominate these tests)
 # ---------------------------------------------------------------------------------------------------------------
 def test_ppo_fast_critic_warmup_progressive_exploration_and_learned_fusion(tmp_path):
     """3 iterations of 16 steps, the first 2 critic-only; the residual probability is 0, 0.25, 0.5."""

@@ -79,6 +79,8 @@ BAD_INPUTS = [
     (["--keep-checkpoints", "-1"], "--keep-checkpoints must be >= 0"),
     (["--eval-reconfiguration-freq", "-1"], "--eval-reconfiguration-freq must be >= 0"),
     (["--resume"], "--resume needs --checkpoint"),
+    (["--checkpoint", "policy.pt"], "--checkpoint is read only with --evaluate or --resume; to build on a trained "
+                                    "policy, make it the expert: --expert-type model --model-path policy.pt"),
 ]
 
 

@@ -9,7 +9,7 @@ Data path: backend -> ExpertResidualWrapper -> training script.
 - ``util.run``: run plumbing: errors, flag checks, signals, torchrun, checkpoints, random streams, timing,
   videos.
 
-``import util`` gives all of their public names, so the scripts write ``util.make_env`` and the like.
+``import util`` gives the names the scripts and benches use, so they write ``util.make_env`` and the like.
 """
 
 from .backends import (NO_CUDA_VULKAN, CpuVectorEnv, NativeVectorEnv, available_cores, check_env_id,

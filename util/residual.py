@@ -213,7 +213,6 @@ class ExpertResidualWrapper:
         fusion: str = "mean",
         residual_scale_mode: str = "constant",
         residual_scale_min: float = 0.0,
-        timer: Optional["PhaseTimer"] = None,
         env_id: Optional[str] = None,
         num_envs: int = 1,
         **env_kwargs,
@@ -246,7 +245,7 @@ class ExpertResidualWrapper:
         self.clip_final_action = clip_final_action
         self.expert_action_noise = expert_action_noise
         self.policy_obs_fn = policy_obs_fn
-        self.timer = timer or PhaseTimer(self.device)  # the experts' time, under "expert"
+        self.timer = PhaseTimer(self.device)  # the experts' time, under "expert" (a script sets its own timer)
         self.expert_actions: Optional[torch.Tensor] = None  # [N, experts, A] for the current observation
         self.env_scale: Optional[torch.Tensor] = None  # [N, 1] under adaptive scaling, for the current observation
         self._experts_checked = False
