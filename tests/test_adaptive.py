@@ -60,8 +60,8 @@ def test_ik_confidence_by_phase_on_scripted_states():
     obs = pick_cube_state(tcp=[[0.0, 0.0, 0.2], [0.1, 0.1, 0.02], [0.1, 0.1, 0.02]],
                           cube=[[0.1, 0.1, 0.02]] * 3, grasped=[False, False, True])
     expert(obs)
-    assert expert.confidence(obs).tolist() == [experts.TRUST_FREE, experts.TRUST_CONTACT, experts.TRUST_FREE]
-    assert experts.TRUST_FREE == 1.0 and experts.TRUST_CONTACT == 0.5 and experts.TRUST_FINE == 0.0
+    # full trust in free motion, half while the fingers close on the cube (the guide's phases)
+    assert expert.confidence(obs).tolist() == [1.0, 0.5, 1.0]
 
     # PegInsertionSide: a 10 cm peg (2 cm half width) held 6 cm behind its centre, its head 1 cm before the
     # mouth of a hole 30 cm away along y (env 0: on the hole's axis, the fine alignment) or 30 cm off it (env 1)
@@ -76,7 +76,7 @@ def test_ik_confidence_by_phase_on_scripted_states():
         peg_pose=torch.cat([peg_centres, identity], 1), peg_half_size=torch.tensor([[0.1, 0.02, 0.02]] * 2),
         box_hole_pose=torch.cat([hole.repeat(2, 1), identity], 1), box_hole_radius=torch.full((2,), 0.023)))
     peg = experts.IKExpert("PegInsertionSide-v1", "pd_ee_delta_pose")
-    assert peg.confidence(obs).tolist() == [experts.TRUST_FINE, experts.TRUST_FREE]
+    assert peg.confidence(obs).tolist() == [0.0, 1.0]  # none in the fine alignment, full far from the hole
 
 
 def test_several_experts_are_as_confident_as_they_agree():

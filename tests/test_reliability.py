@@ -3,6 +3,7 @@
 import glob
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -18,8 +19,8 @@ from conftest import ROOT, TINY, run_script
 # 1 env, 4 iterations of 25 steps; a checkpoint every 2 iterations, i.e. every 50 steps, which is PickCube's
 # episode length: without partial resets, every checkpoint falls on an episode start
 ALIGNED = ["--sim-backend", "cpu", "--num-envs", "1", "--num-eval-envs", "1", "--num-steps", "25",
-           "--num-minibatches", "1", "--total-timesteps", "100", "--eval-freq", "2", "--num-eval-steps", "2",
-           "--no-partial-reset", "--no-capture-video", "--eval-reconfiguration-freq", "0"]
+           "--num-minibatches", "1", "--total-timesteps", "100", "--eval-freq", "2", "--num-eval-steps", "50",
+           "--no-partial-reset", "--no-capture-video", "--eval-reconfiguration-freq", "0", "--expert-type", "ik"]
 
 
 def load(path):
@@ -31,6 +32,7 @@ def test_resumed_run_matches_the_straight_run(script, tmp_path):
     """N iterations straight equal N/2, resume, N/2 (CPU backend, fixed seeds, checkpoint at episode starts)."""
     proc = run_script(script, [*ALIGNED, "--output-dir", str(tmp_path / "straight")], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    straight_stdout = proc.stdout
     (straight,) = glob.glob(str(tmp_path / "straight" / "*"))
     half = load(os.path.join(straight, "ckpt_2.pt"))
     assert (half["resume"]["iteration"], half["resume"]["global_step"]) == (2, 50)
@@ -51,6 +53,9 @@ def test_resumed_run_matches_the_straight_run(script, tmp_path):
         torch.testing.assert_close(got["model"][k], want["model"][k], msg=f"parameter {k} diverged")
     for a, b in zip(got["resume"]["optimizer"]["state"].values(), want["resume"]["optimizer"]["state"].values()):
         torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"])
+    # the resumed run makes no eval at step 0, yet reports the expert alone as the straight run measured it there
+    first_eval = re.search(r"eval @ 0 steps: success_once=([0-9.]+)", straight_stdout).group(1)
+    assert f"PickCube-v1: expert alone {float(first_eval):.2f} -> with residual" in proc.stdout.strip().splitlines()[-1]
     if script == "ppo_fast.py":  # its captured graphs read the learning rate from a tensor
         assert isinstance(got["resume"]["optimizer"]["param_groups"][0]["lr"], torch.Tensor)
 
@@ -116,6 +121,8 @@ def test_signal_checkpoints_closes_workers_and_exits(signum, to_group, code, tmp
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == code, out
     assert f"stopped by {signal.Signals(signum).name}: resume with: " in out
+    # its 2-step evals end no 50-step episode, and say so rather than print an empty or NaN figure
+    assert "eval @ 0 steps: no episode ended within --num-eval-steps\n" in out and "nan" not in out
     resume = load(latest)["resume"]
     assert resume["global_step"] == 8 * resume["iteration"] > 0
     assert_gone(workers)

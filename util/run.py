@@ -602,7 +602,8 @@ class RunOutput:
         self.last_eval = metrics
         if global_step == 0 and self.first_eval_is_expert:
             self.expert_alone = metrics
-            return eval_line(metrics, global_step) + " (the expert alone: the residual head starts at zero)"
+            return eval_line(metrics, global_step) + (" (the expert alone: the residual head starts at zero)"
+                                                      if metrics else "")
         return eval_line(metrics, global_step)
 
     def finish(self, summary: dict) -> None:
@@ -610,9 +611,12 @@ class RunOutput:
         metric = "success_once" if "success_once" in self.last_eval else "return"
         minutes = (time.time() - self.started) / 60
         ended = self.last_eval.get(metric, float("nan"))
-        scope = f"{metric} ({_count(summary['global_step'])} env steps, " + \
-            (f"{minutes:.0f} min)" if minutes >= 1 else f"{minutes * 60:.0f} s)")
-        if self.expert_alone is not None:
+        took = f"{_count(summary['global_step'])} env steps, " + \
+            (f"{minutes:.0f} min" if minutes >= 1 else f"{minutes * 60:.0f} s")
+        scope = f"{metric} ({took})"
+        if not self.last_eval:
+            print(f"{self.env_id}: no eval episode ended within --num-eval-steps ({took})")
+        elif self.expert_alone is not None:
             started = self.expert_alone.get(metric, float("nan"))
             print(f"{self.env_id}: expert alone {started:.2f} -> with residual {ended:.2f} {scope}")
         else:
@@ -645,6 +649,8 @@ def evaluate(eval_envs, policy: Callable, num_steps: int, video_path: Optional[s
 
 
 def eval_line(metrics: dict, global_step: int) -> str:
+    if not metrics:  # --num-eval-steps shorter than an episode
+        return f"eval @ {global_step} steps: no episode ended within --num-eval-steps"
     return f"eval @ {global_step} steps: " + " ".join(
         f"{k}={metrics[k]:.3f}" for k in ("success_once", "success_at_end", "return") if k in metrics)
 
