@@ -300,6 +300,7 @@ def ppo_losses(agent: Agent, mb: dict, args: Args) -> dict:
     return dict(pg_loss=pg_loss, v_loss=v_loss, entropy=entropy.mean(), approx_kl=approx_kl,
                 old_approx_kl=old_approx_kl, clipfrac=clipfrac)
 
+
 def check_args(args: Args) -> None:
     """Reject bad input before any env is built or anything is written, in one line naming the flag."""
     util.check_env_id(args.env_id)

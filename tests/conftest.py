@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -116,3 +117,15 @@ class RecordingEnv:
     def step(self, action):
         self.executed.append(action.clone())
         return self.env.step(action)
+
+
+def pick_cube_state(tcp, cube, grasped, finger=0.04):
+    """PickCube-v1's state_dict, written by hand, one env per entry: the TCP and the cube (identity rotations)."""
+    n = len(tcp)
+    identity = torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1)
+    qpos = torch.zeros(n, 9)
+    qpos[:, 7:] = finger
+    return dict(agent=dict(qpos=qpos, qvel=torch.zeros(n, 9)),
+                extra=dict(is_grasped=torch.tensor(grasped), tcp_pose=torch.cat([torch.tensor(tcp), identity], 1),
+                           goal_pos=torch.tensor([[0.0, 0.0, 0.3]]).repeat(n, 1),
+                           obj_pose=torch.cat([torch.tensor(cube), identity], 1)))

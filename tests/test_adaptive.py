@@ -5,7 +5,7 @@ import torch
 
 import experts
 import util
-from conftest import RecordingEnv
+from conftest import RecordingEnv, pick_cube_state
 
 EXPERT_ACTION = torch.tensor([0.1, -0.2, 0.05, 0.0])  # pd_ee_delta_pos: xyz and gripper, all inside the bounds
 RESIDUAL = torch.tensor([0.2, 0.2, -0.4, 0.3])
@@ -40,18 +40,6 @@ def test_the_scale_follows_confidence_and_is_what_the_env_executes_and_the_polic
         torch.testing.assert_close(env.executed[-1], EXPERT_ACTION + 0.5 * RESIDUAL.repeat(3, 1))
     finally:
         env.close()
-
-
-def pick_cube_state(tcp, cube, grasped, finger=0.04):
-    """PickCube-v1's state_dict, written by hand for three envs: the TCP and the cube (identity rotations)."""
-    n = len(tcp)
-    identity = torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1)
-    qpos = torch.zeros(n, 9)
-    qpos[:, 7:] = finger
-    return dict(agent=dict(qpos=qpos, qvel=torch.zeros(n, 9)),
-                extra=dict(is_grasped=torch.tensor(grasped), tcp_pose=torch.cat([torch.tensor(tcp), identity], 1),
-                           goal_pos=torch.tensor([[0.0, 0.0, 0.3]]).repeat(n, 1),
-                           obj_pose=torch.cat([torch.tensor(cube), identity], 1)))
 
 
 def test_ik_confidence_by_phase_on_scripted_states():

@@ -1,5 +1,6 @@
 """The experts on the real simulator: IK success, differential IK direction, model and custom experts."""
 
+import math
 import os
 import textwrap
 
@@ -8,7 +9,7 @@ import torch
 
 import experts
 import util
-from conftest import TINY, run_main
+from conftest import TINY, pick_cube_state, run_main
 
 
 def ik_successes(task, mode, episodes=10):
@@ -169,3 +170,29 @@ def test_custom_expert_from_file_reaches_the_env(tmp_path):
     wrapped.close()
     with pytest.raises(util.UsageError, match="has no function 'drop'"):
         experts.load_expert_fn(f"{source}:drop")
+
+
+def test_calibration_error_displaces_the_target_by_the_flags():
+    """--ik-calibration-mm 3 --ik-calibration-deg 2: the perceived target moves 3 mm and turns 2 degrees about its own
+    origin, in directions fixed by --ik-calibration-seed; the expert then steers to the displaced target."""
+    error = experts.calibration(dict(ik_calibration_mm=3.0, ik_calibration_deg=2.0, ik_calibration_seed=0))
+    assert math.isclose(error.shift.norm().item(), 0.003, rel_tol=1e-5)
+    turned = math.degrees(torch.arccos((torch.trace(error.rotation) - 1) / 2).item())  # a rotation matrix's angle
+    assert math.isclose(turned, 2.0, rel_tol=1e-3)
+    assert torch.equal(experts.CalibrationError(3.0, 2.0, 0).shift, error.shift), "the seed fixes the directions"
+    assert (experts.CalibrationError(3.0, 2.0, 1).shift - error.shift).norm() > 1e-3, "another seed, another one"
+    assert experts.calibration(dict(ik_calibration_mm=0.0, ik_calibration_deg=0.0)) is None
+
+    pose = torch.tensor([[0.1, 0.2, 0.3, 1.0, 0.0, 0.0, 0.0]])  # identity orientation (w, x, y, z)
+    seen = error(pose)
+    torch.testing.assert_close(seen[0, :3], pose[0, :3] + error.shift)
+    assert math.isclose(2 * math.degrees(math.acos(seen[0, 3].abs().item())), 2.0, rel_tol=1e-3)
+
+    # carrying the cube 2 cm below the goal: at gain 1 the expert asks for the whole remaining displacement, at
+    # 0.1 m per unit action, so the error adds shift / 0.1 to its motion
+    carrying = pick_cube_state(tcp=[[0.0, 0.0, 0.28]], cube=[[0.0, 0.0, 0.28]], grasped=[True], finger=0.02)
+    plain = experts.IKExpert("PickCube-v1", "pd_ee_delta_pos")(carrying)
+    calibrated = experts.IKExpert("PickCube-v1", "pd_ee_delta_pos", calibration=error)(carrying)
+    torch.testing.assert_close(plain, torch.tensor([[0.0, 0.0, 0.2, -1.0]]))
+    torch.testing.assert_close(calibrated[:, :3] - plain[:, :3], error.shift[None] / 0.1)
+    assert calibrated[0, 3] == plain[0, 3], "the gripper keeps holding"

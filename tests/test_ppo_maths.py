@@ -3,6 +3,7 @@ loss, progressive exploration's mask, and the bootstrap from final observations 
 
 import copy
 import importlib
+import math
 
 import pytest
 import torch
@@ -156,6 +157,28 @@ def test_the_value_loss_pulls_the_value_towards_the_return(name):
     assert ((mb["returns"] - values).abs() < 2.0).all(), values
 
 
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_advantages_are_normalized_and_the_value_loss_clipped(name):
+    """The defaults --norm-adv and (when asked) --clip-vloss, by hand."""
+    module, agent, obs = agent_and_obs(name, 2)
+    torch.manual_seed(0)
+    # ratio e; advantages [1, 3] normalize to [-1, 1] / sqrt 2 (their sample std is sqrt 2). The pessimistic terms
+    # are e / sqrt 2 (unclipped, above 1.2 / sqrt 2) and -1.2 / sqrt 2 (clipped), their mean (e - 1.2) / (2 sqrt 2);
+    # unnormalized the loss would be -2.4
+    mb = minibatch(agent, obs, torch.tensor([1.0, 3.0]), logprob_shift=1.0)
+    pg_loss = module.ppo_losses(agent, mb, module.Args(norm_adv=True, clip_coef=0.2))["pg_loss"]
+    torch.testing.assert_close(pg_loss, torch.tensor((math.e - 1.2) / (2 * math.sqrt(2))))
+
+    # the values now 0.5 above those the rollout stored and 0.5 below the returns: clipped to a 0.2 move, the old
+    # value's error is 0.8, which is larger than 0.5, so the loss is 0.5 * 0.8 ** 2; unclipped 0.5 * 0.5 ** 2
+    mb = minibatch(agent, obs, torch.zeros(2), return_offset=0.5)
+    mb["vals"] = mb["vals"] - 0.5
+    clipped = module.ppo_losses(agent, mb, module.Args(clip_vloss=True, clip_coef=0.2))["v_loss"]
+    torch.testing.assert_close(clipped, torch.tensor(0.32))
+    unclipped = module.ppo_losses(agent, mb, module.Args(clip_vloss=False, clip_coef=0.2))["v_loss"]
+    torch.testing.assert_close(unclipped, torch.tensor(0.125))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the bootstrap from final observations, on the real simulator
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,7 +219,9 @@ def test_final_values_are_the_values_of_the_final_observations(image):
             assert ("final_info" in info) == (step == 2)
         assert info["_final_info"].all()
         raw = recorder.info["final_observation"]
-        final_obs = util.with_expert_action(policy_obs_fn(raw), expert(raw))
+        seen = policy_obs_fn(raw)  # the policy's view, then the expert's action appended to its state
+        final_obs = dict(seen, state=torch.cat([seen["state"], expert(raw)], 1)) if image \
+            else torch.cat([seen, expert(raw)], 1)
         for name in [s for s in SCRIPTS if ("rgb" in s) == image]:
             module = importlib.import_module(name)
             torch.manual_seed(0)

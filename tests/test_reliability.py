@@ -60,6 +60,30 @@ def test_resumed_run_matches_the_straight_run(script, tmp_path):
         assert isinstance(got["resume"]["optimizer"]["param_groups"][0]["lr"], torch.Tensor)
 
 
+def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    util.save_checkpoint(path, dict(step=torch.tensor(1)))
+
+    def torn(f):  # half a file, then the disk fills
+        f.write(b"\x80\x02half")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        util.write_atomically(path, torn)
+    assert load(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["ckpt.pt"], "no temporary file is left behind"
+
+
+def test_run_checkpoints_rotate_and_latest_is_the_newest(tmp_path):
+    """keep=2: the two newest numbered checkpoints stay; latest.pt is the newest one's bytes under a second name;
+    a temporary file left by a save that was killed is removed."""
+    (tmp_path / "ckpt_1.pt.tmp999").write_bytes(b"torn")
+    for iteration in (1, 2, 3):
+        latest = util.save_run_checkpoint(str(tmp_path), f"ckpt_{iteration}.pt", dict(iteration=iteration), keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_2.pt", "ckpt_3.pt", "latest.pt"]
+    assert load(latest)["iteration"] == 3 and os.path.samefile(latest, tmp_path / "ckpt_3.pt")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # signals and kill -9
 # ---------------------------------------------------------------------------------------------------------------

@@ -358,10 +358,14 @@ def write_atomically(path: str, write: Callable[[Any], None]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a failed write (disk full, a signal) leaves path as it was and no temporary file
+        os.remove(tmp)
+        raise
     os.replace(tmp, path)
     dir_fd = os.open(directory, os.O_RDONLY)  # and the rename itself survives a power cut
     try:
