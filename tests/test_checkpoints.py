@@ -156,15 +156,3 @@ def test_a_run_without_an_expert_reports_its_final_eval_alone(trained):
     assert proc.stdout.strip().splitlines()[-1].startswith(f"PickCube-v1: {summary['eval']['success_once']:.2f} "
                                                            f"success_once (")
 
-
-@pytest.mark.parametrize("script", ["ppo_rgb.py", "ppo_fast.py", "ppo_rgb_fast.py"])  # ppo.py: test_ppo's BAD_INPUTS
-def test_a_checkpoint_without_evaluate_or_resume_is_refused(script, tmp_path):
-    """Loading a checkpoint's weights into a new run would silently start from a trained residual that the run's
-    first eval still calls the expert alone; each script refuses it and names the way to build on a policy."""
-    proc = run_script(script, [*TINY, "--checkpoint", "policy.pt", "--output-dir", str(tmp_path / "runs")],
-                      cwd=tmp_path)
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and "WARNING" not in line]
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines == ["error: --checkpoint is read only with --evaluate or --resume; to build on a trained policy, "
-                     "make it the expert: --expert-type model --model-path policy.pt"], proc.stderr
-    assert not (tmp_path / "runs").exists()

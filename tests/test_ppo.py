@@ -58,29 +58,21 @@ def test_training_writes_checkpoint_events_and_video(trained):
 
 
 BAD_INPUTS = [
-    (["--env-id", "PickCub-v1"], "did you mean PickCube-v1"),
     (["--num-envs", "0"], "--num-envs must be >= 1, got 0"),
     (["--total-timesteps", "8"], "less than one batch"),
-    (["--evaluate"], "--evaluate needs --checkpoint"),
     (["--num-minibatches", "3"], "does not divide"),
     (["--residual-scale", "-0.5"], "--residual-scale must be >= 0, got -0.5"),
     (["--control-mode", "pd_foo"], "pd_foo not in supported modes"),
-    (["--expert-type", "oracle"], "unknown expert type 'oracle'"),
-    (["--expert-type", "ik", "--env-id", "PushT-v1"], "supported: PickCube-v1"),
     (["--expert-type", "ik", "--control-mode", "pd_joint_pos"], "cannot act on PickCube-v1 in control mode pd_joint_pos"),
     (["--expert-type", "model"], "needs --model-path"),
     (["--expert-type", "model", "--model-path", "nowhere.pt"], "does not exist"),
     (["--expert-type", "custom", "--expert-fn", "nowhere.py:act"], "no file 'nowhere.py'"),
-    (["--evaluate", "--checkpoint", "missing.pt"], "does not exist"),
     (["--expert-type", "ik,oracle"], "unknown expert type 'oracle'"),
     (["--fusion", "learned"], "give at least two"),
     (["--residual-scale-schedule", "linear"], "needs --residual-scale-final"),
     (["--expert-type", "model", "--model-path", "."], "is a directory"),
     (["--keep-checkpoints", "-1"], "--keep-checkpoints must be >= 0"),
     (["--eval-reconfiguration-freq", "-1"], "--eval-reconfiguration-freq must be >= 0"),
-    (["--resume"], "--resume needs --checkpoint"),
-    (["--checkpoint", "policy.pt"], "--checkpoint is read only with --evaluate or --resume; to build on a trained "
-                                    "policy, make it the expert: --expert-type model --model-path policy.pt"),
 ]
 
 
@@ -192,10 +184,27 @@ BAD_NUMBERS = [
 ]
 
 
+# refused alike by every script, before anything is built
+BAD_CHOICES = [
+    (["--env-id", "PickCub-v1"], "unknown env id 'PickCub-v1': did you mean PickCube-v1, PickCubeSO100-v1, PokeCube-v1?"),
+    (["--expert-type", "oracle"],
+     "unknown expert type 'oracle'; valid: zero, ik, model, custom, or a comma list of them such as ik,zero"),
+    (["--expert-type", "ik", "--env-id", "PushT-v1"],
+     "the IK expert has no plan for PushT-v1; supported: PickCube-v1, StackCube-v1, PushCube-v1, PullCube-v1, "
+     "PegInsertionSide-v1, LiftPegUpright-v1, PokeCube-v1, PlugCharger-v1"),
+    (["--evaluate"], "--evaluate needs --checkpoint PATH"),
+    (["--evaluate", "--checkpoint", "missing.pt"], "checkpoint 'missing.pt' does not exist"),
+    (["--resume"], "--resume needs --checkpoint PATH (e.g. runs/<run>/latest.pt)"),
+    # loading weights into a new run would start it from a trained residual that its first eval calls the expert alone
+    (["--checkpoint", "policy.pt"], "--checkpoint is read only with --evaluate or --resume; to build on a trained "
+                                    "policy, make it the expert: --expert-type model --model-path policy.pt"),
+]
+
+
 @pytest.mark.parametrize("script", ["ppo.py", "ppo_rgb.py", "ppo_fast.py", "ppo_rgb_fast.py"])
-def test_numeric_flags_are_checked_in_every_script(script, tmp_path):
-    cases = BAD_NUMBERS + ([(["--camera-width", "20"], "--camera-width must be >= 36, got 20")] if "rgb" in script
-                           else [])
+def test_flags_are_checked_in_every_script(script, tmp_path):
+    cases = BAD_NUMBERS + BAD_CHOICES + ([(["--camera-width", "20"], "--camera-width must be >= 36, got 20")]
+                                         if "rgb" in script else [])
     for extra, message in cases:
         out = tmp_path / "runs"
         proc = run_main(script, [*TINY, "--output-dir", str(out), *extra], cwd=tmp_path)
