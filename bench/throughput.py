@@ -133,14 +133,16 @@ def maniskill_recipe_sps(args: Args) -> float:
 
 def train_sps(args: Args, script: str = "ppo.py", num_envs: int = 0, timesteps: int = 0,
               extra: tuple = (), ranks: int = 1) -> tuple[float, dict]:
-    """Training SPS of one of the scripts on the CPU backend (under torchrun with `ranks` > 1), and its summary."""
+    """Training SPS of one of the scripts on the CPU backend (under torchrun with `ranks` > 1), and its summary. The
+    network trains on the CPU too (--no-cuda), so that the figures are the CPU path's on any host, and two ranks
+    do not ask for two GPUs."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] \
         if ranks > 1 else [sys.executable]
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as cache:
         cmd = [*launcher, script, "--sim-backend", "cpu", "--env-id", args.env_id, "--num-envs",
                str((num_envs or args.num_envs) // ranks), "--total-timesteps", str(timesteps or args.train_timesteps),
                "--eval-freq", "100000", "--no-capture-video", "--no-save-model", "--num-eval-envs", "1",
-               "--output-dir", out, *extra]
+               "--no-cuda", "--output-dir", out, *extra]
         # an empty inductor cache per run: compile_seconds is what a first run pays
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache),

@@ -18,8 +18,9 @@ def torchrun(script, args, cwd):
 
 @pytest.mark.parametrize("script", ["ppo.py", "ppo_fast.py"])
 def test_two_ranks_keep_identical_weights_and_rank_0_alone_writes(script, tmp_path):
-    # 2 ranks x 2 envs x 8 steps = 32 steps per iteration: 3 iterations, one eval and checkpoint at each
-    proc = torchrun(script, [*TINY, "--total-timesteps", "96", "--no-capture-video", "--output-dir",
+    # 2 ranks x 2 envs x 8 steps = 32 steps per iteration: 3 iterations, one eval and checkpoint at each; on the
+    # CPU with gloo even where CUDA is visible (tests/test_gpu.py covers NCCL)
+    proc = torchrun(script, [*TINY, "--total-timesteps", "96", "--no-capture-video", "--no-cuda", "--output-dir",
                              str(tmp_path / "runs")], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
@@ -37,7 +38,8 @@ def test_two_ranks_keep_identical_weights_and_rank_0_alone_writes(script, tmp_pa
 
 
 def test_evaluate_under_torchrun_is_refused(tmp_path):
-    proc = torchrun("ppo_fast.py", [*TINY, "--evaluate", "--checkpoint", "x.pt", "--output-dir", str(tmp_path / "o")],
+    proc = torchrun("ppo_fast.py", [*TINY, "--no-cuda", "--evaluate", "--checkpoint", "x.pt", "--output-dir",
+                                    str(tmp_path / "o")],
                     cwd=tmp_path)
     # each rank exits 2 with one line; torchrun then adds its own failure report, which names no script frame
     assert proc.returncode != 0 and proc.stderr.count("error: --evaluate runs in one process") == 2

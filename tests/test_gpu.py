@@ -133,8 +133,9 @@ def test_ppo_fast_on_the_gpu(flags, tmp_path):
 def test_ppo_on_the_gpu_checkpoint_loads_on_the_cpu_and_resumes(tmp_path):
     proc, out = train("ppo.py", tmp_path, "--expert-type", "ik")
     run_dir = assert_trained(proc, out)
+    saved = torch.load(os.path.join(run_dir, "ckpt_1.pt"), weights_only=True)
+    assert all(t.device.type == "cuda" for t in saved["model"].values()), "a checkpoint of a GPU run"
     payload = torch.load(os.path.join(run_dir, "ckpt_1.pt"), map_location="cpu", weights_only=True)
-    assert all(t.device.type == "cpu" for t in payload["model"].values())
     agent = ppo_fast.Agent(payload["meta"]["obs_dim"], payload["meta"]["action_dim"])
     agent.load_state_dict(payload["model"])  # either state script's network
     resumed = run_script("ppo.py", ["--resume", "--checkpoint", os.path.join(run_dir, "ckpt_1.pt")], cwd=tmp_path)

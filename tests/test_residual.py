@@ -36,7 +36,7 @@ def test_critic_warmup_freezes_the_actor(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "PickCube-v1__ppo__1__*"))
     # ckpt_<i> follows iteration i: iterations 1 and 2 train the critic alone, 3 and 4 everything
-    start, warmed, final = (torch.load(os.path.join(run_dir, name), weights_only=True)
+    start, warmed, final = (torch.load(os.path.join(run_dir, name), map_location="cpu", weights_only=True)
                             for name in ("ckpt_1.pt", "ckpt_2.pt", "final_ckpt.pt"))
     assert start["meta"]["action_dim"] == 6
     actor = [k for k in start["model"] if not k.startswith("critic.")]

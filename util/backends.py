@@ -95,6 +95,9 @@ def make_env(
     if sim_backend == "physx_cpu":
         if num_envs != 1:
             raise UsageError("ManiSkill's physx_cpu backend holds one env per process; use --sim-backend cpu")
+        # as the CPU backend's workers render; ManiSkill's own default would ask for CUDA, which cannot render
+        # without NVIDIA's Vulkan driver
+        env_kwargs.setdefault("render_backend", render_backend(False, env_kwargs["obs_mode"]))
         return NativeVectorEnv(env_id, 1, "physx_cpu", ignore_terminations, **env_kwargs)
     gpu = resolve_sim_backend(sim_backend) == "gpu"
     env_kwargs.setdefault("render_backend", render_backend(gpu, env_kwargs["obs_mode"]))
