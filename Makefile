@@ -32,11 +32,12 @@ train: setup
 	fi
 
 # Tests run in TEST_WORKERS processes (pytest-xdist): a test mostly drives one simulator process at a time, so
-# one test at a time leaves a core of a 2-core CI machine idle. TEST_WORKERS=0 runs them one at a time.
+# one test at a time leaves a core of a 2-core CI machine idle. TEST_WORKERS=0 runs them one at a time. The
+# slowest ten are listed at the end, for keeping the suite within its 15 minutes.
 TEST_WORKERS ?= 2
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=10 tests
 
 bench: setup
 	$(PY) bench/throughput.py --out bench/out/throughput.json
