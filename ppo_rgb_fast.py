@@ -387,13 +387,7 @@ def check_args(args: Args) -> None:
                                   args.residual_scale_min)
     except ValueError as err:
         raise util.UsageError(str(err)) from None
-    if args.evaluate and args.checkpoint is None:
-        raise util.UsageError("--evaluate needs --checkpoint PATH")
-    if args.evaluate and args.resume:
-        raise util.UsageError("--evaluate and --resume exclude each other: evaluate a checkpoint, or resume its run")
-    if args.checkpoint is not None and not (args.evaluate or args.resume):
-        raise util.UsageError(f"--checkpoint is read only with --evaluate or --resume; to build on a trained policy, "
-                              f"make it the expert: --expert-type model --model-path {args.checkpoint}")
+    util.check_checkpoint_flags(args.checkpoint, args.evaluate, args.resume)
     batch_size = args.num_envs * args.num_steps
     if batch_size % args.num_minibatches:
         raise util.UsageError(f"--num-minibatches {args.num_minibatches} does not divide the batch of "

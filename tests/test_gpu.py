@@ -50,7 +50,8 @@ def check_episode_semantics(backend: str, num_envs: int, steps: int = 80) -> int
         for _ in range(steps):
             shown = obs[:, -action_dim:].clone()  # the expert action the policy sees ...
             seen.clear()
-            obs, reward, terminated, truncated, info = wrapper.step(torch.zeros(num_envs, action_dim, device=wrapper.device))
+            residual = torch.zeros(num_envs, action_dim, device=wrapper.device)
+            obs, reward, terminated, truncated, info = wrapper.step(residual)
             returns += reward
             lengths += 1
             # ... is what the expert returns for this step's observation, called once (plus once on the final

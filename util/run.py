@@ -358,8 +358,9 @@ def write_atomically(path: str, write: Callable[[Any], None]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
+    f = open(tmp, "wb")
     try:
-        with open(tmp, "wb") as f:
+        with f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -426,6 +427,19 @@ def check_checkpoint(payload: dict, path: str, **expected) -> None:
         if have != want:
             script = f" (written by {meta['script']})" if key == "network" and "script" in meta else ""
             raise UsageError(f"checkpoint '{path}' has {key}={have}{script} but this run needs {key}={want}")
+
+
+def check_checkpoint_flags(checkpoint: Optional[str], evaluate: bool, resume: bool) -> None:
+    """--checkpoint is read by --evaluate or by --resume, never both; loading it into a new run would start that run
+    from a trained residual whose first eval is still labelled the expert alone. (--resume without --checkpoint:
+    resume_args, which reads the checkpoint first.)"""
+    if evaluate and checkpoint is None:
+        raise UsageError("--evaluate needs --checkpoint PATH")
+    if evaluate and resume:
+        raise UsageError("--evaluate and --resume exclude each other: evaluate a checkpoint, or resume its run")
+    if checkpoint is not None and not (evaluate or resume):
+        raise UsageError(f"--checkpoint is read only with --evaluate or --resume; to build on a trained policy, "
+                         f"make it the expert: --expert-type model --model-path {checkpoint}")
 
 
 def resume_args(path: Optional[str], fields) -> dict:
