@@ -190,7 +190,8 @@ def expert_on_eval_episodes(config: str, seed: int, evals: int, task: dict, args
     return metrics
 
 
-LONGEST_GAP = 300.0  # seconds between two logged events beyond which a run counts as paused or stopped
+LONGEST_GAP = 900.0  # seconds between two logged events beyond which a run counts as paused or stopped; more
+# than an eval of 128 PegInsertionSide episodes takes on two busy cores
 
 
 def read_events(run_dir: str) -> tuple[list[tuple[int, float]], float]:
