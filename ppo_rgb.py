@@ -617,6 +617,7 @@ def main():
 
         # ---- log ----
         timer.stop("update")
+        progress.update(batch_size)
         sps = int((global_step - steps_at_start) / timer.training_seconds())
         if args.verbose:
             progress.write(f"iteration {iteration}: {timer.since_last_report()}")

@@ -4,6 +4,7 @@ composition (base, scale, learned mix), the image policy's state size, and the f
 import glob
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -35,6 +36,15 @@ def test_a_run_keeps_the_newest_numbered_checkpoints(ik_run):
     run_dir = ik_run("ppo.py")[0]  # two iterations, --keep-checkpoints 1
     assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "*.pt"))) == \
         ["ckpt_2.pt", "final_ckpt.pt", "latest.pt"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_progress_bar_ends_at_the_runs_env_steps(script, ik_run):
+    """2 envs x 8 steps an iteration: 2 iterations (32 steps), or 3 for ppo_rgb.py's run (48 steps). The bar's
+    last state, printed when it closes, must count them all."""
+    total = 48 if script == "ppo_rgb.py" else 32
+    counts = re.findall(r"\| *(\d+)/(\d+) \[", ik_run(script)[1].stderr)
+    assert counts and counts[-1] == (str(total), str(total)), counts[-3:]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
