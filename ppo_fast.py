@@ -736,7 +736,7 @@ def main():
         util.close_run(output, envs, eval_envs, distributed)
         if not distributed.is_main:
             stop.exit()  # rank 0 reports
-        stop.exit(f"resume with: python {SCRIPT} --resume --checkpoint {latest}" if latest else "nothing saved")
+        stop.exit(f"resume with: {util.resume_command(SCRIPT, latest, distributed)}" if latest else "nothing saved")
     if rollout_threads:
         torch.set_num_threads(rollout_threads)
     # ---- final eval and checkpoint (every rank takes part in the save; rank 0 evaluates and writes) ----

@@ -652,7 +652,7 @@ def main():
     if stop.requested:  # ---- signal: checkpoint the last finished iteration, close envs and workers, exit ----
         latest = save(f"ckpt_{iterations_done}.pt", iterations_done) if args.save_model else None
         util.close_run(output, envs, eval_envs)
-        stop.exit(f"resume with: python {SCRIPT} --resume --checkpoint {latest}" if latest else "nothing saved")
+        stop.exit(f"resume with: {util.resume_command(SCRIPT, latest)}" if latest else "nothing saved")
     if rollout_threads:
         torch.set_num_threads(rollout_threads)
     # ---- final eval and checkpoint ----

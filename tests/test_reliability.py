@@ -152,6 +152,17 @@ def test_signal_checkpoints_closes_workers_and_exits(signum, to_group, code, tmp
     assert_gone(workers)
 
 
+def test_the_printed_resume_command_starts_as_many_ranks_as_the_run_had():
+    """--resume refuses another number of ranks, so a torchrun job's stop names torchrun with its own."""
+    latest = "runs/r/latest.pt"
+    assert util.resume_command("ppo.py", latest) == "python ppo.py --resume --checkpoint runs/r/latest.pt"
+    one_machine = util.Distributed(rank=0, world_size=4, local_rank=0, local_world_size=4)
+    assert util.resume_command("ppo_fast.py", latest, one_machine) == \
+        "torchrun --standalone --nproc-per-node 4 ppo_fast.py --resume --checkpoint runs/r/latest.pt"
+    two_machines = util.Distributed(rank=0, world_size=4, local_rank=0, local_world_size=2)
+    assert util.resume_command("ppo.py", latest, two_machines).startswith("torchrun --nnodes 2 --nproc-per-node 2 ")
+
+
 def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(tmp_path):
     rng = random.Random(0)
     # long enough (150 iterations) that no kill comes after the run has finished by itself: the three kills

@@ -22,8 +22,8 @@ from .run import (STOP_SIGNALS, Distributed, EpisodeMetrics, FatalError, Gracefu
                   check_writable, first_line,
                   init_distributed, load_checkpoint, load_optimizer_state, peak_gpu_memory, resume_args, rng_state,
                   run_cli, save_checkpoint, save_json, save_run_checkpoint, save_video, set_rng_state, step_where,
-                  versions, RunOutput, close_run, eval_line, evaluate, restore_training, save_training_checkpoint,
-                  seed_everything, write_atomically)
+                  versions, RunOutput, close_run, eval_line, evaluate, restore_training, resume_command,
+                  save_training_checkpoint, seed_everything, write_atomically)
 
 
 __all__ = ["NO_CUDA_VULKAN", "CpuVectorEnv", "NativeVectorEnv", "available_cores", "check_env_id", "check_reward_mode",
@@ -36,5 +36,5 @@ __all__ = ["NO_CUDA_VULKAN", "CpuVectorEnv", "NativeVectorEnv", "available_cores
            "check_resume", "check_writable", "first_line", "init_distributed", "load_checkpoint",
            "load_optimizer_state", "peak_gpu_memory", "resume_args", "rng_state", "run_cli", "save_checkpoint",
            "save_json", "save_run_checkpoint", "save_video", "set_rng_state", "step_where", "versions", "RunOutput",
-           "close_run", "eval_line", "evaluate", "restore_training", "save_training_checkpoint", "seed_everything",
-           "write_atomically"]
+           "close_run", "eval_line", "evaluate", "restore_training", "resume_command", "save_training_checkpoint",
+           "seed_everything", "write_atomically"]

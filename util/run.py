@@ -245,8 +245,9 @@ def step_where(optimizer: torch.optim.Optimizer, apply: torch.Tensor) -> None:
 class Distributed:
     """This process's place in a torchrun job; one process of one when not launched by torchrun."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0):
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, local_world_size: int = 1):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.local_world_size = local_world_size  # the ranks on this machine
         self.enabled = world_size > 1
         self.is_main = rank == 0
 
@@ -347,7 +348,7 @@ def init_distributed(cuda_training: bool, gpu_simulation: bool) -> Distributed:
         share = cpus[local_rank::local_world] or [cpus[local_rank % len(cpus)]]
         os.sched_setaffinity(0, share)
         torch.set_num_threads(len(share))
-    return Distributed(rank, world_size, local_rank)
+    return Distributed(rank, world_size, local_rank, local_world)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -705,6 +706,18 @@ def restore_training(resume: dict, checkpoint_path: str, envs, eval_envs,
     if distributed.is_main:
         print(f"resumed from {checkpoint_path} after iteration {resume['iteration']} ({resume['global_step']} steps)")
     return resume["iteration"], resume["global_step"], next_obs
+
+
+def resume_command(script: str, checkpoint: str, distributed: Optional["Distributed"] = None) -> str:
+    """The command that resumes a stopped run from ``checkpoint``; a torchrun job's, with its ranks (--resume
+    refuses another number of them)."""
+    distributed = distributed or Distributed()
+    if not distributed.enabled:
+        return f"python {script} --resume --checkpoint {checkpoint}"
+    nodes = distributed.world_size // distributed.local_world_size
+    launcher = (f"torchrun --standalone --nproc-per-node {distributed.world_size}" if nodes == 1 else
+                f"torchrun --nnodes {nodes} --nproc-per-node {distributed.local_world_size} <the job's rendezvous>")
+    return f"{launcher} {script} --resume --checkpoint {checkpoint}"
 
 
 def close_run(output: RunOutput, envs, eval_envs, distributed: Optional["Distributed"] = None) -> None:
