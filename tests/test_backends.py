@@ -216,6 +216,19 @@ def test_simulator_failures_keep_their_traceback_and_bad_configurations_do_not()
     assert last.startswith(f"error: cannot create PickCube-v1 ({missing_gpu}): ") and "cuda" in last, proc.stderr
 
 
+def test_running_out_of_gpu_memory_in_training_ends_with_a_hint(capsys):
+    def train():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(SystemExit) as stopped:
+        util.run_cli(train)
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in train" in err
+    assert err.strip().splitlines()[-1] == ("error: out of GPU memory: CUDA out of memory. Tried to allocate 2.00 GiB; "
+                                            "try fewer --num-envs or --num-eval-envs, or more --num-minibatches")
+
+
 def test_episode_metrics_average_the_episodes_that_ended():
     metrics = util.EpisodeMetrics()
     assert metrics.means() == {}

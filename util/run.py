@@ -44,9 +44,13 @@ class WorkerDied(FatalError):
 
 def run_cli(main: Callable[[], Any]) -> None:
     """Run a script's main function: a UsageError becomes one line on stderr and exit code 2, a FatalError
-    one line and exit code 1."""
+    one line and exit code 1. Running out of GPU memory in training is a FatalError with a hint."""
     try:
-        main()
+        try:
+            main()
+        except torch.OutOfMemoryError as err:  # creating the envs has its own hint (backends._gym_make)
+            raise FatalError(f"out of GPU memory: {first_line(err)}; try fewer --num-envs or --num-eval-envs, "
+                             f"or more --num-minibatches") from err
     except (UsageError, FatalError) as err:
         with tqdm.external_write_mode(file=sys.stderr):  # a line of its own, not the end of a progress bar
             details = getattr(err, "details", None)
