@@ -418,8 +418,9 @@ def ik_control_modes(env_id: str) -> tuple[str, ...]:
         # limits; ManiSkill's pose controller finds another arm configuration
         return ("pd_ee_delta_pose",)
     if env_id == "PlugCharger-v1":
-        # turning the held charger far about its own pitch, ManiSkill's pose controller often stops short
-        # (bench/RESULTS.md, Experts); the damped IK keeps going
+        # ManiSkill's pose controller holds the arm where its IK solve fails, which large combined steps with
+        # the charger in hand can make it do for the rest of an episode (bench/RESULTS.md, Experts); the
+        # damped IK keeps going
         return ("pd_joint_delta_pos", "pd_ee_delta_pose")
     if env_id in TURNING_PLANS:
         return ("pd_ee_delta_pose", "pd_joint_delta_pos")

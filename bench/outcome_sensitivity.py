@@ -4,8 +4,8 @@ bench/learning.py holds a run over the good IK expert to "never more than 0.05 b
 same episodes", eval by eval. A trained residual is never exactly zero, so this bench asks what a residual that
 should change nothing does: it replays ppo.py's eval episodes for --seed with the IK expert plus a constant
 residual of each size in --residuals (0 is the expert alone), at --residual-scale, and pairs every episode with
-the expert alone's. Per size it prints the episodes gained and lost, the evals at which it fell more than 0.05
-below the expert alone (2 or more of 32 episodes), and the largest such fall.
+the expert alone's. Per size it prints the episodes gained and lost, how many evals fell more than 0.05 below
+the expert alone (2 or more of 32 episodes), and the largest fall at any eval, in episodes.
 
 A residual r moves every executed action entry by residual_scale * r of its normalized range; in
 pd_ee_delta_pose that is 0.1 m and 0.1 rad, so r = 0.001 at scale 0.2 shifts each step's target by 0.02 mm and

@@ -11,8 +11,8 @@ Measures, on one task with state observations and random actions:
   fast_train_sps        ppo_fast.py training at the same settings, eager
   fast_compiled_train_sps  ppo_fast.py --compile, compilation excluded
   compile_seconds       that run's compilation, with an empty inductor cache (what a first run costs)
-  ddp2_train_sps        ppo.py under torchrun with 2 ranks, each with half the envs and one CPU worker (the
-                        cores are shared, so on 2 cores this measures the overhead of data parallelism)
+  ddp2_train_sps        ppo.py under torchrun with 2 ranks, each with half the envs and half the cores (one
+                        CPU worker on 2 cores, where this measures the overhead of data parallelism)
 The training runs are interleaved --train-repeats times and each reports its median, so that drift in
 the machine's speed affects them alike.
   policy_step_eager_us, policy_step_compiled_us  ppo_fast.py's rollout policy step (Agent.act) at --num-envs,
