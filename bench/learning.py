@@ -294,9 +294,8 @@ def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
             util.save_json(started_path, dict(command=shlex.join(command[1:]), run_dir=run_dir))
         proc.wait()
     seconds = time.time() - start
-    if proc.returncode != 0:
-        raise util.FatalError(f"{exp_name} failed (exit code {proc.returncode}); see {log_path}")
     run_dir = os.path.dirname(resume_from) if resume_from else run_dir
+    check_finished(proc.returncode, run_dir, exp_name, log_path)
     curve, running = read_events(run_dir)
     print(f"  {running / 60:.1f} min running, eval success_once: " + " ".join(f"{v:.2f}" for _, v in curve), flush=True)
     record = dict(config=config, seed=seed, command=shlex.join(command[1:]), run_dir=run_dir, seconds=seconds,
@@ -305,6 +304,17 @@ def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
         record["resumed_from"] = resume_from
     util.save_json(record_path, record)
     return record
+
+
+def check_finished(returncode: int, run_dir: str, exp_name: str, log_path: str) -> None:
+    """A FatalError unless ppo.py ran to its end. A run stopped by a signal saves its last iteration and exits
+    with 0 (SIGINT) or 143 (SIGTERM), so only its final checkpoint tells it from a finished one."""
+    if returncode in util.STOP_SIGNALS.values():
+        if not os.path.isfile(os.path.join(run_dir, "final_ckpt.pt")):
+            raise util.FatalError(f"{exp_name} was stopped before its end (exit code {returncode}); the same "
+                                  f"command resumes it from its newest checkpoint")
+    elif returncode != 0:
+        raise util.FatalError(f"{exp_name} failed (exit code {returncode}); see {log_path}")
 
 
 DERIVED = ("final", "max", "min", "first_step_at_0_9", "lowest_after_0_9", "expert_on_same_episodes")

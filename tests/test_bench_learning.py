@@ -73,6 +73,21 @@ def test_a_final_evaluation_needs_the_runs_final_checkpoint(learning, tmp_path):
         learning.final_eval(record, learning.Args(task="PickCube-v1", out=str(tmp_path)))
 
 
+def test_a_run_stopped_by_a_signal_is_not_taken_as_finished(learning, tmp_path):
+    # ppo.py stopped by SIGINT exits 0, by SIGTERM 143, having saved its last iteration but no final checkpoint
+    for code in (0, 143):
+        with pytest.raises(learning.util.FatalError, match=rf"ik_s1 was stopped before its end \(exit code {code}\); "
+                                                           r"the same command resumes it"):
+            learning.check_finished(code, str(tmp_path), "ik_s1", "ik_s1.log")
+    with pytest.raises(learning.util.FatalError, match=r"ik_s1 failed \(exit code 1\); see ik_s1.log"):
+        learning.check_finished(1, str(tmp_path), "ik_s1", "ik_s1.log")
+    (tmp_path / "final_ckpt.pt").write_bytes(b"")
+    for code in (0, 143):  # a stop that came after the final checkpoint was written
+        learning.check_finished(code, str(tmp_path), "ik_s1", "ik_s1.log")
+    with pytest.raises(learning.util.FatalError, match=r"ik_s1 failed \(exit code 1\)"):
+        learning.check_finished(1, str(tmp_path), "ik_s1", "ik_s1.log")
+
+
 def test_a_negative_final_episode_count_is_refused_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "learning.py"), "--final-episodes", "-5",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
