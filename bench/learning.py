@@ -15,7 +15,9 @@ configurations of a task (--task, see TASKS): three by default, any of them with
 - ``ik_long_horizon`` (PegInsertionSide-v1): ``ik`` with ManiSkill's discounting for this task
   (``--gamma 0.97 --gae-lambda 0.95``), not in the default list either;
 - ``ik_long_horizon_low_lr`` (PegInsertionSide-v1): ``ik_long_horizon`` at a third of the learning rate
-  (``--learning-rate 1e-4``), not in the default list either.
+  (``--learning-rate 1e-4``), not in the default list either;
+- ``ik_long_horizon_low_lr_half_scale`` (PegInsertionSide-v1): ``ik_long_horizon_low_lr`` at half the residual
+  scale (``--residual-scale 0.1``), not in the default list either.
 
 Each run's eval success_once against env steps comes from its tensorboard events. An eval of
 --num-eval-envs episodes is a coarse measure, so each run's final checkpoint is also evaluated on
@@ -84,14 +86,19 @@ TASKS = {
                      ik_long_horizon=f"--expert-type ik --residual-scale 0.2 {RESIDUAL_TECHNIQUES} {LONG_HORIZON}",
                      # its residual drifted from the expert at 3e-4; smaller steps stay nearer the expert
                      ik_long_horizon_low_lr=f"--expert-type ik --residual-scale 0.2 {RESIDUAL_TECHNIQUES} "
-                                            f"{LONG_HORIZON} --learning-rate 1e-4")),
+                                            f"{LONG_HORIZON} --learning-rate 1e-4",
+                     # the residual can move the executed action half as far from the expert's
+                     ik_long_horizon_low_lr_half_scale=f"--expert-type ik --residual-scale 0.1 {RESIDUAL_TECHNIQUES} "
+                                                       f"{LONG_HORIZON} --learning-rate 1e-4")),
 }
 # the configurations held to the (c) target
-GOOD_EXPERT_CONFIGS = ("ik", "ik_sparse", "ik_long_horizon", "ik_long_horizon_low_lr")
+GOOD_EXPERT_CONFIGS = ("ik", "ik_sparse", "ik_long_horizon", "ik_long_horizon_low_lr",
+                       "ik_long_horizon_low_lr_half_scale")
 LABELS = dict(zero="PPO (zero expert)", weak_ik="residual PPO, imperfect IK", ik="residual PPO, IK",
               weak_ik_adaptive="residual PPO, imperfect IK, adaptive scale",
               ik_sparse="residual PPO, IK, sparse reward", ik_long_horizon="residual PPO, IK, gamma 0.97",
-              ik_long_horizon_low_lr="residual PPO, IK, gamma 0.97, LR 1e-4")
+              ik_long_horizon_low_lr="residual PPO, IK, gamma 0.97, LR 1e-4",
+              ik_long_horizon_low_lr_half_scale="residual PPO, IK, gamma 0.97, LR 1e-4, scale 0.1")
 
 
 @dataclass
@@ -406,7 +413,8 @@ def plot(runs: list[dict], alone: dict, path: str, task: dict, args: Args) -> No
     import matplotlib.pyplot as plt
 
     colors = dict(zero="tab:gray", weak_ik="tab:orange", ik="tab:blue", weak_ik_adaptive="tab:green",
-                  ik_sparse="tab:purple", ik_long_horizon="tab:cyan", ik_long_horizon_low_lr="tab:olive")
+                  ik_sparse="tab:purple", ik_long_horizon="tab:cyan", ik_long_horizon_low_lr="tab:olive",
+                  ik_long_horizon_low_lr_half_scale="tab:brown")
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for run in runs:
         first = run["seed"] == min(r["seed"] for r in runs if r["config"] == run["config"])
