@@ -122,7 +122,8 @@ class Args:
     expert_episodes: int = 200
     """episodes on which each IK expert is measured alone"""
     final_episodes: int = 320
-    """episodes on which each run's final checkpoint is evaluated after training (0: not at all)"""
+    """episodes on which each run's final checkpoint is evaluated after training, rounded up to a whole number
+    per eval env (0: not at all)"""
     train: bool = True
     """if toggled off (--no-train), report only the runs already recorded in --out (e.g. while a bench runs)"""
     rerun: bool = False
@@ -493,17 +494,18 @@ def main():
         plot(runs, alone, os.path.join(args.out, "learning.png"), task, args)
 
     summary = {}
-    print(f"\n{'config':<18}{'seed':>5}{'final':>8}{'max':>7}{'min':>7}{'first >= 0.9':>14}{'lowest after':>14}"
-          f"{'minutes':>9}{f'final ckpt ({args.final_episodes} ep)':>24}")
+    width = max([len("config"), *(len(run["config"]) for run in runs)]) + 2
+    print(f"\n{'config':<{width}}{'seed':>5}{'final':>8}{'max':>7}{'min':>7}{'first >= 0.9':>14}{'lowest after':>14}"
+          f"{'minutes':>9}{'final checkpoint':>24}")
     for run, final in zip(runs, finals):
         reached = [s for s, v in zip(run["steps"], run["success_once"]) if v >= 0.9]
         after = [v for s, v in zip(run["steps"], run["success_once"]) if reached and s > reached[0]]
         run.update(final=run["success_once"][-1], max=max(run["success_once"]), min=min(run["success_once"]),
                    first_step_at_0_9=reached[0] if reached else None, lowest_after_0_9=min(after) if after else None)
-        print(f"{run['config']:<18}{run['seed']:>5}{run['final']:>8.2f}{run['max']:>7.2f}{run['min']:>7.2f}"
+        print(f"{run['config']:<{width}}{run['seed']:>5}{run['final']:>8.2f}{run['max']:>7.2f}{run['min']:>7.2f}"
               f"{str(run['first_step_at_0_9']):>14}{str(run['lowest_after_0_9']):>14}"
               f"{run.get('running_seconds', run['seconds']) / 60:>9.1f}"
-              f"{'-' if final is None else format(final['success_once'], '.3f'):>24}")
+              f"{'-' if final is None else '%.3f on %d ep' % (final['success_once'], final['episodes']):>24}")
     by_config = {c: [r for r in runs if r["config"] == c] for c in task["configs"]}
     if by_config["weak_ik"]:
         summary["weak_ik_seeds"] = len(by_config["weak_ik"])
