@@ -143,7 +143,8 @@ def test_the_outcome_sensitivity_bench_replays_the_same_episodes_and_applies_its
     assert all(len(e) == 2 for e in replays["0.5"]["outcomes"])
 
 
-@pytest.mark.parametrize("name", ["learning-PegInsertionSide-v1", "adaptive-PegInsertionSide-v1"])
+@pytest.mark.parametrize("name", ["learning-PegInsertionSide-v1", "learning-PegInsertionSide-v1-eval128",
+                                  "adaptive-PegInsertionSide-v1"])
 def test_a_fresh_clone_reports_the_committed_runs_again_from_their_json(name, tmp_path):
     """The committed outputs were written from the bench's own records; an --out without them (a fresh clone),
     given the committed learning.json, must write the same CSV and reach the same targets, without
@@ -151,8 +152,11 @@ def test_a_fresh_clone_reports_the_committed_runs_again_from_their_json(name, tm
     committed = os.path.join(ROOT, "docs", f"{name}.json")
     with open(committed) as f:
         earlier = json.load(f)
+    made_with = earlier["args"]  # the eval settings are part of each recorded run's command
+    eval_flags = ["--num-eval-envs", str(made_with["num_eval_envs"])]
+    eval_flags += ["--eval-freq", str(made_with["eval_freq"])] if made_with.get("eval_freq") else []
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "learning.py"), "--task", earlier["env_id"],
-                           "--runs", *earlier["args"]["runs"], "--no-train", "--reuse-from", committed,
+                           "--runs", *made_with["runs"], *eval_flags, "--no-train", "--reuse-from", committed,
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "learning.csv") as f, open(os.path.join(ROOT, "docs", f"{name}.csv")) as g:
