@@ -315,8 +315,11 @@ def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
 
 
 def check_finished(returncode: int, run_dir: str, exp_name: str, log_path: str) -> None:
-    """A FatalError unless ppo.py ran to its end. A run stopped by a signal saves its last iteration and exits
-    with 0 (SIGINT) or 143 (SIGTERM), so only its final checkpoint tells it from a finished one."""
+    """A FatalError unless ppo.py ran to its end. A run stopped by SIGINT or SIGTERM saves its last iteration and
+    exits with 0 or 143, so only its final checkpoint tells it from a finished one."""
+    if returncode < 0:  # killed outright; its newest checkpoint is whole, as checkpoints are written atomically
+        raise util.FatalError(f"{exp_name} was killed by signal {-returncode} before its end; the same command "
+                              f"resumes it from its newest checkpoint")
     if returncode in util.STOP_SIGNALS.values():
         if not os.path.isfile(os.path.join(run_dir, "final_ckpt.pt")):
             raise util.FatalError(f"{exp_name} was stopped before its end (exit code {returncode}); the same "
@@ -367,7 +370,8 @@ def _set_flag(argv: list[str], flag: str, value: str) -> list[str]:
 
 def final_eval(record: dict, args: Args) -> Optional[dict]:
     """A finished run's final checkpoint under ``ppo.py --evaluate`` on --final-episodes episodes, with the run's
-    own flags and seed (so its episodes are the ones its evals start from). Kept in the run's record and reused;
+    own flags and seed (the same command with ``--residual-scale 0`` scores the expert alone on the same
+    episodes). Kept in the run's record and reused;
     None under --no-train when not yet made, so that a report made while a bench runs starts nothing."""
     made = record.get("final_eval")
     if made and made["requested_episodes"] == args.final_episodes:

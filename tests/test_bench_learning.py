@@ -74,13 +74,17 @@ def test_a_final_evaluation_needs_the_runs_final_checkpoint(learning, tmp_path):
 
 
 def test_a_run_stopped_by_a_signal_is_not_taken_as_finished(learning, tmp_path):
-    # ppo.py stopped by SIGINT exits 0, by SIGTERM 143, having saved its last iteration but no final checkpoint
+    # ppo.py stopped by SIGINT exits 0, by SIGTERM 143, having saved its last iteration but no final checkpoint;
+    # killed by SIGKILL, Popen gives -9
     for code in (0, 143):
         with pytest.raises(learning.util.FatalError, match=rf"ik_s1 was stopped before its end \(exit code {code}\); "
                                                            r"the same command resumes it"):
             learning.check_finished(code, str(tmp_path), "ik_s1", "ik_s1.log")
     with pytest.raises(learning.util.FatalError, match=r"ik_s1 failed \(exit code 1\); see ik_s1.log"):
         learning.check_finished(1, str(tmp_path), "ik_s1", "ik_s1.log")
+    with pytest.raises(learning.util.FatalError, match=r"ik_s1 was killed by signal 9 before its end; the same "
+                                                       r"command resumes it"):
+        learning.check_finished(-9, str(tmp_path), "ik_s1", "ik_s1.log")
     (tmp_path / "final_ckpt.pt").write_bytes(b"")
     for code in (0, 143):  # a stop that came after the final checkpoint was written
         learning.check_finished(code, str(tmp_path), "ik_s1", "ik_s1.log")
@@ -148,7 +152,7 @@ def test_the_outcome_sensitivity_bench_replays_the_same_episodes_and_applies_its
 def test_a_fresh_clone_reports_the_committed_runs_again_from_their_json(name, tmp_path):
     """The committed outputs were written from the bench's own records; an --out without them (a fresh clone),
     given the committed learning.json, must write the same CSV and reach the same targets, without
-    training or simulating anything."""
+    training or evaluating a checkpoint."""
     committed = os.path.join(ROOT, "docs", f"{name}.json")
     with open(committed) as f:
         earlier = json.load(f)
