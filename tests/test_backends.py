@@ -10,6 +10,7 @@ import torch
 
 import util
 from conftest import ROOT
+from test_reliability import descendants
 
 ENV_ID = "PickCube-v1"
 # enhanced_determinism: the CPU backend's default; the native path needs it to be comparable
@@ -178,8 +179,9 @@ def test_workers_exit_when_the_trainer_is_killed(tmp_path):
         "    print(' '.join(str(p.pid) for p in env.procs), flush=True)\n"
         "    time.sleep(600)\n")
     trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    pids = [int(p) for p in trainer.stdout.readline().split()]
-    assert len(pids) == 2
+    workers = [int(p) for p in trainer.stdout.readline().split()]
+    pids = descendants(trainer.pid)  # the workers, the fork server, the resource tracker
+    assert len(workers) == 2 and set(workers) < set(pids), (workers, pids)
     trainer.send_signal(signal.SIGKILL)
     trainer.wait()
     deadline = time.time() + 10
@@ -187,7 +189,7 @@ def test_workers_exit_when_the_trainer_is_killed(tmp_path):
     while alive and time.time() < deadline:
         time.sleep(0.2)
         alive = [p for p in pids if os.path.exists(f"/proc/{p}") and "zombie" not in _state(p)]
-    assert not alive, f"orphaned workers {alive}"
+    assert not alive, f"orphaned processes {alive}"
 
 
 def _state(pid):

@@ -108,13 +108,14 @@ def wait_for(path, proc, timeout=180):
     return glob.glob(str(path))[0]
 
 
-def children(pid):
-    """The trainer's child processes (env workers, multiprocessing's resource tracker)."""
+def descendants(pid):
+    """The trainer's processes: the env workers, the fork server they come from, multiprocessing's resource
+    tracker."""
     pids = []
     for task in glob.glob(f"/proc/{pid}/task/*/children"):
         with open(task) as f:
             pids += [int(p) for p in f.read().split()]
-    return pids
+    return pids + [d for p in pids for d in descendants(p)]
 
 
 def alive(pid):
@@ -137,8 +138,8 @@ def assert_gone(pids, timeout=10):
 def test_signal_checkpoints_closes_workers_and_exits(signum, to_group, code, tmp_path):
     proc = start([*ENDLESS, "--output-dir", str(tmp_path)], tmp_path)
     latest = wait_for(tmp_path / "*" / "latest.pt", proc)
-    workers = children(proc.pid)
-    assert len(workers) >= 3, workers  # 2 train workers, 1 eval worker (and the resource tracker)
+    workers = descendants(proc.pid)
+    assert len(workers) >= 5, workers  # 2 train workers, 1 eval worker, the fork server, the resource tracker
     if to_group:  # Ctrl-C in a terminal reaches the workers too: they must leave the stop to the trainer
         os.killpg(proc.pid, signum)
     else:
@@ -173,7 +174,7 @@ def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(tmp_path)
     latest = wait_for(tmp_path / "*" / "latest.pt", proc)
     for _ in range(3):
         time.sleep(rng.uniform(0.0, 2.0))
-        workers = children(proc.pid)
+        workers = descendants(proc.pid)
         assert proc.poll() is None, "the run ended before the kill"
         proc.kill()
         proc.wait()

@@ -383,6 +383,30 @@ def _cpu_worker(conn: Connection, worker_index: int, env_id: str, env_slice: tup
             shared.close()
 
 
+# Workers are forked from a server process that has imported this module, and with it torch and ManiSkill,
+# once per trainer: a spawned worker would import them again, which takes longer than building its envs.
+# Forking the trainer itself is not safe once it has initialised SAPIEN or torch.
+_WORKERS = mp.get_context("forkserver")
+
+
+def _ensure_fork_server() -> None:
+    """Start the fork server with this module imported, unless it runs. Python 3.11's fork server does not
+    take the trainer's sys.path, so the folder holding this package reaches it through PYTHONPATH."""
+    from multiprocessing import forkserver
+
+    forkserver.set_forkserver_preload([__name__])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, previous) if p)
+    try:
+        forkserver.ensure_running()
+    finally:
+        if previous is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = previous
+
+
 class CpuVectorEnv:
     """ManiSkillVectorEnv's interface and semantics over CPU worker processes.
 
@@ -407,7 +431,6 @@ class CpuVectorEnv:
         num_workers = max(1, min(num_envs, num_workers or cores))
         bounds = np.linspace(0, num_envs, num_workers + 1).round().astype(int)
         self.slices = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-        self._ctx = mp.get_context("spawn")  # forking a process that has initialised SAPIEN or torch is not safe
         self._worker_config = (env_id, ignore_terminations, env_kwargs)
         self.conns, self.procs, self.shared = [], [], None
         _LIVE_CPU_ENVS.add(self)
@@ -446,17 +469,18 @@ class CpuVectorEnv:
     # -- plumbing ------------------------------------------------------------------------------
     def _spawn(self, w: int) -> None:
         """Start worker w (again) on its slice of envs."""
-        parent, child = self._ctx.Pipe()
+        parent, child = _WORKERS.Pipe()
         env_id, ignore_terminations, env_kwargs = self._worker_config
-        proc = self._ctx.Process(target=_cpu_worker, daemon=True,
+        proc = _WORKERS.Process(target=_cpu_worker, daemon=True,
                                  args=(child, w, env_id, self.slices[w], ignore_terminations, env_kwargs))
-        # Workers ignore SIGINT and SIGTERM from their first instruction on (an ignored disposition survives
-        # exec): Ctrl-C reaches the whole process group, and the trainer decides how to stop. Workers exit
-        # on close() or when the trainer's end of the pipe closes. Only the main thread may set handlers; a
-        # signal to the trainer during these few milliseconds is lost.
+        # The fork server, and so every worker, ignores SIGINT and SIGTERM from its first instruction on (an
+        # ignored disposition survives exec and fork): Ctrl-C reaches the whole process group, and the trainer
+        # decides how to stop. Workers exit on close() or when the trainer's end of the pipe closes. Only the
+        # main thread may set handlers; a signal to the trainer during these few milliseconds is lost.
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS} if in_main_thread else {}
         try:
+            _ensure_fork_server()
             proc.start()
         finally:
             for s, handler in previous.items():

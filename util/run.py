@@ -254,11 +254,15 @@ class Distributed:
         self.local_world_size = local_world_size  # the ranks on this machine
         self.enabled = world_size > 1
         self.is_main = rank == 0
+        if self.enabled:  # a collective is a boundary for compiled code, not something to trace; wrapped here,
+            # since importing the compiler takes seconds that a single-process run need not spend
+            self._all_reduce_sum = torch.compiler.disable(_all_reduce_sum)
+            self._all_reduce_mean = torch.compiler.disable(_all_reduce_mean)
 
     def average_gradients(self, module: torch.nn.Module) -> None:
         """Replace each gradient by its mean over the ranks: one all-reduce of one flat buffer."""
         if self.enabled:
-            _all_reduce_mean([p.grad for p in module.parameters() if p.grad is not None])
+            self._all_reduce_mean([p.grad for p in module.parameters() if p.grad is not None])
 
     def broadcast_parameters(self, module: torch.nn.Module) -> None:
         """Give every rank rank 0's parameters (after initialisation or loading)."""
@@ -283,7 +287,7 @@ class Distributed:
         """The mean of a scalar over the ranks, so that decisions taken on it agree on every rank."""
         if not self.enabled:
             return value
-        return _all_reduce_sum(value.detach().clone()) / self.world_size
+        return self._all_reduce_sum(value.detach().clone()) / self.world_size
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank, on every rank: e.g. a stop signal that reached the ranks at
@@ -310,13 +314,11 @@ def _collective_device() -> torch.device:
         else torch.device("cpu")
 
 
-@torch.compiler.disable  # a collective is a boundary for compiled code, not something to trace
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     torch.distributed.all_reduce(tensor)
     return tensor
 
 
-@torch.compiler.disable
 def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
     flat = torch.cat([t.flatten() for t in tensors])
     torch.distributed.all_reduce(flat)
