@@ -165,26 +165,40 @@ def test_the_printed_resume_command_starts_as_many_ranks_as_the_run_had():
     assert util.resume_command("ppo.py", latest, two_machines).startswith("torchrun --nnodes 2 --nproc-per-node 2 ")
 
 
+def newest_checkpoint(run_dir):
+    """The iteration of the newest numbered checkpoint in run_dir (0: none yet)."""
+    names = (re.fullmatch(r"ckpt_(\d+)\.pt", os.path.basename(p)) for p in glob.glob(os.path.join(run_dir, "*.pt")))
+    return max((int(m.group(1)) for m in names if m), default=0)
+
+
 def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(tmp_path):
+    """Three kills, each 1 to 3 checkpoints after the last start plus a random part of an iteration, so that
+    they land anywhere in the cycle (stepping, updating, saving) on a fast machine or a slow one; then the run
+    resumes once more and finishes. 30 iterations leave room for the at most 13 the kills can use up."""
     rng = random.Random(0)
-    # long enough (150 iterations) that no kill comes after the run has finished by itself: the three kills
-    # leave it at most about 6 s of training
-    args = [*ENDLESS, "--total-timesteps", "600", "--num-envs", "1", "--output-dir", str(tmp_path)]
+    args = [*ENDLESS, "--total-timesteps", "120", "--num-envs", "1", "--output-dir", str(tmp_path)]
     proc = start(args, tmp_path)
     latest = wait_for(tmp_path / "*" / "latest.pt", proc)
+    run_dir = os.path.dirname(latest)
     for _ in range(3):
-        time.sleep(rng.uniform(0.0, 2.0))
+        target, seen, iteration_seconds = newest_checkpoint(run_dir) + rng.randint(1, 3), time.time(), 1.0
+        while (newest := newest_checkpoint(run_dir)) < target:
+            assert proc.poll() is None, "the run ended before the kill"
+            time.sleep(0.02)
+            if newest_checkpoint(run_dir) > newest:
+                iteration_seconds, seen = time.time() - seen, time.time()
+        time.sleep(rng.uniform(0.0, iteration_seconds))
         workers = descendants(proc.pid)
         assert proc.poll() is None, "the run ended before the kill"
         proc.kill()
         proc.wait()
-        assert_gone(workers)  # the workers notice the trainer's death by themselves
+        assert_gone(workers)  # the workers and their fork server notice the trainer's death by themselves
         assert "resume" in load(latest)
         proc = start(["--resume", "--checkpoint", latest], tmp_path)
         assert any("resumed from" in line for line in iter(proc.stdout.readline, "")), "the resume did not start"
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0
-    assert load(os.path.join(os.path.dirname(latest), "final_ckpt.pt"))["resume"]["global_step"] == 600
+    assert load(os.path.join(run_dir, "final_ckpt.pt"))["resume"]["global_step"] == 120
 
 
 # ---------------------------------------------------------------------------------------------------------------
