@@ -16,10 +16,11 @@ TINY = ["--sim-backend", "cpu", "--num-envs", "2", "--num-eval-envs", "1", "--nu
 
 
 # the session-scoped training runs below; under pytest-xdist (`make test` runs two workers) each one's users share a
-# worker, so that no run is trained twice
+# worker, so that no run is trained twice. The marks must be in place before xdist's own hook reads them.
 SHARED_RUNS = ("trained", "ik_run")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     for item in items:
         for name in SHARED_RUNS:

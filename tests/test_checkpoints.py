@@ -166,3 +166,18 @@ def test_a_run_without_an_expert_reports_its_final_eval_alone(trained):
     assert proc.stdout.strip().splitlines()[-1].startswith(f"PickCube-v1: {summary['eval']['success_once']:.2f} "
                                                            f"success_once (")
 
+
+
+def test_the_users_of_each_shared_run_go_to_one_xdist_worker(request):
+    """Under `make test` (pytest-xdist, --dist loadgroup) every test of a shared training run carries that run's
+    group, so that one worker trains it once for all of them."""
+    from conftest import SHARED_RUNS
+
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("runs under pytest-xdist's --dist loadgroup, as `make test` does")
+    groups = {item.nodeid: next((n for n in SHARED_RUNS if n in item.fixturenames), None)
+              for item in request.session.items}
+    users = {nodeid: name for nodeid, name in groups.items() if name}
+    if not users:
+        pytest.skip("no test of a shared run is selected")
+    assert all(nodeid.endswith(f"@{name}") for nodeid, name in users.items()), users
