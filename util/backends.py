@@ -385,7 +385,8 @@ def _cpu_worker(conn: Connection, worker_index: int, env_id: str, env_slice: tup
 
 # Workers are forked from a server process that has imported this module, and with it torch and ManiSkill,
 # once per trainer: a spawned worker would import them again, which takes longer than building its envs.
-# Forking the trainer itself is not safe once it has initialised SAPIEN or torch.
+# Forking the trainer itself is not safe once it has initialised SAPIEN or torch. Every worker sees the
+# environment variables the trainer had when its first worker started.
 _WORKERS = mp.get_context("forkserver")
 
 
