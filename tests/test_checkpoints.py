@@ -167,7 +167,6 @@ def test_a_run_without_an_expert_reports_its_final_eval_alone(trained):
                                                            f"success_once (")
 
 
-
 def test_the_users_of_each_shared_run_go_to_one_xdist_worker(request):
     """Under `make test` (pytest-xdist, --dist loadgroup) every test of a shared training run carries that run's
     group, so that one worker trains it once for all of them."""

@@ -181,12 +181,13 @@ def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(tmp_path)
     latest = wait_for(tmp_path / "*" / "latest.pt", proc)
     run_dir = os.path.dirname(latest)
     for _ in range(3):
-        target, seen, iteration_seconds = newest_checkpoint(run_dir) + rng.randint(1, 3), time.time(), 1.0
+        last = newest_checkpoint(run_dir)
+        target, seen, iteration_seconds = last + rng.randint(1, 3), time.time(), 1.0
         while (newest := newest_checkpoint(run_dir)) < target:
             assert proc.poll() is None, "the run ended before the kill"
+            if newest > last:  # the time between two checkpoints: one iteration
+                last, iteration_seconds, seen = newest, time.time() - seen, time.time()
             time.sleep(0.02)
-            if newest_checkpoint(run_dir) > newest:
-                iteration_seconds, seen = time.time() - seen, time.time()
         time.sleep(rng.uniform(0.0, iteration_seconds))
         workers = descendants(proc.pid)
         assert proc.poll() is None, "the run ended before the kill"
