@@ -35,8 +35,10 @@ def run_script(script, args, cwd, timeout=600):
 
 
 def tiny_run(script, out, *extra):
-    """Train `script` with TINY (and `extra` flags) into `out`: (run directory, finished process)."""
-    proc = run_script(script, [*TINY, "--output-dir", str(out), *extra], cwd=out)
+    """Train `script` with TINY (and `extra` flags) into `out`: (run directory, finished process). In this process
+    (run_main), except with --compile: the graphs it compiles would stay in this process for the tests after it."""
+    run = run_script if "--compile" in extra else run_main
+    proc = run(script, [*TINY, "--output-dir", str(out), *extra], cwd=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = glob.glob(str(out / f"PickCube-v1__{script[:-3]}__1__*"))
     return run_dir, proc
@@ -75,19 +77,30 @@ def ik_run(tmp_path_factory):
 
 
 def run_main(script, args, cwd):
-    """Run `script`'s command line in this process, as `python script args` would run it (util.run_cli, exit code
-    included), for inputs the script refuses before training: it saves starting an interpreter and importing
-    torch and ManiSkill for every case. Returns (returncode, stdout, stderr)."""
+    """Run `script`'s command line (a path under the repository) in this process, as `python script args` would run
+    it (util.run_cli, exit code included). It saves what a new interpreter costs every run: importing torch and ManiSkill, and starting the CPU
+    backend's fork server, which stays up for the runs after. What a run changes in the process is put back: the
+    working directory, argv, the signal handlers, torch's thread count and the distributions' argument checks.
+    Runs that are signalled or killed need a process of their own (run_script). Returns a CompletedProcess."""
     import contextlib
     import importlib
+    import importlib.util
     import io
+    import signal
     import traceback
 
     import util
 
-    module = importlib.import_module(script[:-3])
+    if os.sep in script:  # not importable by name, such as bench/learning.py
+        spec = importlib.util.spec_from_file_location(os.path.basename(script)[:-3], os.path.join(ROOT, script))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(script[:-3])
     out, err = io.StringIO(), io.StringIO()
-    argv, here = sys.argv, os.getcwd()
+    argv, here, threads = sys.argv, os.getcwd(), torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    validate_args = torch.distributions.Distribution._validate_args
     sys.argv = [script, *args]
     os.chdir(cwd)
     try:
@@ -96,13 +109,17 @@ def run_main(script, args, cwd):
                 util.run_cli(module.main)
                 code = 0
             except SystemExit as exit:
-                code = exit.code if isinstance(exit.code, int) else 1
+                code = 0 if exit.code is None else exit.code if isinstance(exit.code, int) else 1
             except Exception:
                 traceback.print_exc()
                 code = 1
     finally:
         sys.argv = argv
         os.chdir(here)
+        torch.set_num_threads(threads)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        torch.distributions.Distribution.set_default_validate_args(validate_args)
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 

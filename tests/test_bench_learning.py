@@ -5,12 +5,12 @@ replay of those episodes."""
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
+
+from conftest import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,8 +93,7 @@ def test_a_run_stopped_by_a_signal_is_not_taken_as_finished(learning, tmp_path):
 
 
 def test_a_negative_final_episode_count_is_refused_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "learning.py"), "--final-episodes", "-5",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    proc = run_main("bench/learning.py", ["--final-episodes", "-5", "--out", str(tmp_path)], cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --final-episodes must be >= 0 (0: no final evaluation), got -5"]
     assert not os.path.exists(tmp_path / "logs")  # refused before anything is written
@@ -105,12 +104,11 @@ def test_the_expert_alone_is_measured_on_the_episodes_of_each_eval_of_a_run(lear
     on that eval's episodes. Rebuilding the run's eval envs for its seed, the bench must find every eval's
     return again; the three evals' returns differ, so a bench that measured other episodes would not."""
     flags = "--expert-type ik --ik-gain 0.28"
-    proc = subprocess.run([sys.executable, "ppo.py", "--sim-backend", "cpu", "--env-id", "PickCube-v1",
-                           "--control-mode", "pd_ee_delta_pos", "--seed", "3", "--num-envs", "2",
-                           "--num-eval-envs", "2", "--num-steps", "8", "--num-minibatches", "2",
-                           "--total-timesteps", "32", "--eval-freq", "1", "--no-capture-video",
-                           "--output-dir", str(tmp_path / "runs"), "--residual-scale", "0", *flags.split()],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_main("ppo.py", ["--sim-backend", "cpu", "--env-id", "PickCube-v1", "--control-mode", "pd_ee_delta_pos",
+                               "--seed", "3", "--num-envs", "2", "--num-eval-envs", "2", "--num-steps", "8",
+                               "--num-minibatches", "2", "--total-timesteps", "32", "--eval-freq", "1",
+                               "--no-capture-video", "--output-dir", str(tmp_path / "runs"), "--residual-scale", "0",
+                               *flags.split()], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
@@ -159,9 +157,8 @@ def test_a_fresh_clone_reports_the_committed_runs_again_from_their_json(name, tm
     made_with = earlier["args"]  # the eval settings are part of each recorded run's command
     eval_flags = ["--num-eval-envs", str(made_with["num_eval_envs"])]
     eval_flags += ["--eval-freq", str(made_with["eval_freq"])] if made_with.get("eval_freq") else []
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "learning.py"), "--task", earlier["env_id"],
-                           "--runs", *made_with["runs"], *eval_flags, "--no-train", "--reuse-from", committed,
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    proc = run_main("bench/learning.py", ["--task", earlier["env_id"], "--runs", *made_with["runs"], *eval_flags,
+                                          "--no-train", "--reuse-from", committed, "--out", str(tmp_path)], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "learning.csv") as f, open(os.path.join(ROOT, "docs", f"{name}.csv")) as g:
         assert f.read() == g.read()
@@ -192,9 +189,8 @@ def test_a_recorded_run_is_reused_only_for_the_same_training(learning):
 
 def test_an_unusable_earlier_json_is_refused_in_one_line(learning, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "learning.py"), "--task", "PegInsertionSide-v1",
-                           "--no-train", "--reuse-from", str(tmp_path / "missing.json"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_main("bench/learning.py", ["--task", "PegInsertionSide-v1", "--no-train", "--reuse-from",
+                                          str(tmp_path / "missing.json"), "--out", str(out)], cwd=ROOT)
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"error: --reuse-from: {tmp_path / 'missing.json'} is not a learning.json")

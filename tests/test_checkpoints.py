@@ -11,7 +11,7 @@ import torch
 
 import experts
 import util
-from conftest import SMALL_CAMERA, TINY, run_script
+from conftest import SMALL_CAMERA, TINY, run_main
 
 SCRIPTS = ["ppo.py", "ppo_rgb.py", "ppo_fast.py", "ppo_rgb_fast.py"]
 
@@ -51,7 +51,7 @@ def test_the_progress_bar_ends_at_the_runs_env_steps(script, ik_run):
 def test_evaluate_scores_the_expert_under_a_zero_residual(script, ik_run, tmp_path):
     """A zero residual head executes the IK expert alone, which solves PickCube-v1: --evaluate must report it."""
     zero = with_head(os.path.join(ik_run(script)[0], "final_ckpt.pt"), tmp_path / "zero.pt", torch.zeros(4))
-    proc = run_script(script, ["--evaluate", "--checkpoint", zero, "--expert-type", "ik", "--sim-backend", "cpu",
+    proc = run_main(script, ["--evaluate", "--checkpoint", zero, "--expert-type", "ik", "--sim-backend", "cpu",
                                "--num-eval-envs", "1", "--no-capture-video", "--eval-reconfiguration-freq", "0",
                                *camera(script), "--output-dir", str(tmp_path / "eval")], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -104,19 +104,24 @@ RGB_POLICY_STATE = {"PickCube-v1": 18 + (1 + 7 + 3) + 4, "StackCube-v1": 18 + 7 
                     "PullCube-v1": 18 + (7 + 3) + 4}
 
 
-@pytest.mark.parametrize("task", RGB_POLICY_STATE)
-def test_image_policy_state_on_the_cpu_backend_for_every_ik_task(task):
-    env = util.make_env(task, 1, sim_backend="cpu", obs_mode="state_dict+rgb", control_mode="pd_ee_delta_pos",
-                        sensor_configs=dict(width=36, height=36))
+def test_image_policy_state_for_every_ik_task():
+    """In this process (ManiSkill's own CPU simulation), all four envs open together: the software renderer
+    compiles its shaders once while any of its envs lives. The CPU backend's workers find the same keys
+    (test_image_checkpoints_record_the_policy_state_size)."""
+    envs = []
     try:
-        ik = experts.IKExpert(task, env.control_mode)
-        for include_state, size in ((True, RGB_POLICY_STATE[task]), (False, 4)):
-            wrapper = util.ExpertResidualWrapper(env, ik, policy_obs_fn=util.image_policy_obs(env, include_state))
-            obs, _ = wrapper.reset(seed=0)
-            assert obs["state"].shape == (1, size), include_state
-            assert obs["rgb"].shape[:3] == (1, 36, 36) and obs["rgb"].dtype == torch.uint8
+        for task, policy_state in RGB_POLICY_STATE.items():
+            envs.append(util.make_env(task, 1, sim_backend="physx_cpu", obs_mode="state_dict+rgb",
+                                      control_mode="pd_ee_delta_pos", sensor_configs=dict(width=36, height=36)))
+            ik = experts.IKExpert(task, envs[-1].control_mode)
+            for include_state, size in ((True, policy_state), (False, 4)):
+                policy_obs = util.image_policy_obs(envs[-1], include_state)
+                obs, _ = util.ExpertResidualWrapper(envs[-1], ik, policy_obs_fn=policy_obs).reset(seed=0)
+                assert obs["state"].shape == (1, size), (task, include_state)
+                assert obs["rgb"].shape[:3] == (1, 36, 36) and obs["rgb"].dtype == torch.uint8, task
     finally:
-        env.close()
+        for env in envs:
+            env.close()
 
 
 def test_a_checkpoint_holding_a_pickled_object_is_refused_unexecuted(tmp_path):
@@ -127,7 +132,7 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused_unexecuted(tmp_path):
             return (open, (str(marker), "w"))
 
     torch.save({"model": Payload(), "meta": {}}, tmp_path / "evil.pt")
-    proc = run_script("ppo.py", [*TINY, "--evaluate", "--checkpoint", str(tmp_path / "evil.pt"), "--output-dir",
+    proc = run_main("ppo.py", [*TINY, "--evaluate", "--checkpoint", str(tmp_path / "evil.pt"), "--output-dir",
                                  str(tmp_path / "runs")], cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "WARNING" not in line]

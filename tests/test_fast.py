@@ -230,7 +230,7 @@ def test_ppo_fast_critic_warmup_progressive_exploration_and_learned_fusion(tmp_p
     args = [*TINY, "--total-timesteps", "48", "--critic-warmup-iters", "2", "--keep-checkpoints", "5",
             "--expert-type", "ik,zero", "--fusion", "learned", "--residual-warmup-steps", "64", "--residual-scale", "0.5",
             "--control-mode", "pd_ee_delta_pos", "--no-capture-video", "--output-dir", str(tmp_path)]
-    proc = run_script("ppo_fast.py", args, cwd=tmp_path)
+    proc = run_main("ppo_fast.py", args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "PickCube-v1__ppo_fast__1__*"))
     warm1, warm2, final = (load(os.path.join(run_dir, name)) for name in ("ckpt_1.pt", "ckpt_2.pt", "final_ckpt.pt"))
@@ -289,9 +289,9 @@ def test_ppo_fast_sigint_checkpoints_closes_workers_and_exits_0(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["ppo_rgb.py", "ppo_rgb_fast.py"])
-def test_image_scripts_refuse_torchrun(script, tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--output-dir", str(tmp_path / "o")],
-                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "2"})
+def test_image_scripts_refuse_torchrun(script, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for each rank
+    proc = run_main(script, ["--output-dir", str(tmp_path / "o")], cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == \
         f"error: {script} trains in one process; data-parallel training (torchrun) is in ppo.py and ppo_fast.py"
     assert not (tmp_path / "o").exists()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import util
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, run_main
 
 # 1 env, 4 iterations of 25 steps; a checkpoint every 2 iterations, i.e. every 50 steps, which is PickCube's
 # episode length: without partial resets, every checkpoint falls on an episode start
@@ -30,7 +30,7 @@ def load(path):
 @pytest.mark.parametrize("script", ["ppo.py", "ppo_fast.py"])
 def test_resumed_run_matches_the_straight_run(script, tmp_path):
     """N iterations straight equal N/2, resume, N/2 (CPU backend, fixed seeds, checkpoint at episode starts)."""
-    proc = run_script(script, [*ALIGNED, "--output-dir", str(tmp_path / "straight")], cwd=tmp_path)
+    proc = run_main(script, [*ALIGNED, "--output-dir", str(tmp_path / "straight")], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     straight_stdout = proc.stdout
     (straight,) = glob.glob(str(tmp_path / "straight" / "*"))
@@ -40,7 +40,7 @@ def test_resumed_run_matches_the_straight_run(script, tmp_path):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copy(os.path.join(straight, "ckpt_2.pt"), resumed / "ckpt_2.pt")
-    proc = run_script(script, ["--resume", "--checkpoint", str(resumed / "ckpt_2.pt")], cwd=tmp_path)
+    proc = run_main(script, ["--resume", "--checkpoint", str(resumed / "ckpt_2.pt")], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "after iteration 2 (50 steps)" in proc.stdout
     assert glob.glob(str(resumed / "events.out.tfevents.*")), "logging continues in the run's directory"
@@ -253,7 +253,7 @@ def nan_from_iteration_3(obs):
 
 def test_nan_observation_stops_naming_iteration_and_keeps_last_good_checkpoint(tmp_path):
     (tmp_path / "nan_expert.py").write_text(NAN_EXPERT)
-    proc = run_script("ppo.py", [*TINY, "--total-timesteps", "80", "--no-capture-video", "--expert-type", "custom",
+    proc = run_main("ppo.py", [*TINY, "--total-timesteps", "80", "--no-capture-video", "--expert-type", "custom",
                                  "--expert-fn", "nan_expert.py:nan_from_iteration_3", "--output-dir", "out"],
                       cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -269,7 +269,7 @@ def test_nan_observation_stops_naming_iteration_and_keeps_last_good_checkpoint(t
 
 def test_nonfinite_loss_and_gradients_are_named(tmp_path):
     # rewards of 1e30 are finite, but their squared value error is not
-    proc = run_script("ppo.py", [*TINY, "--reward-scale", "1e30", "--no-capture-video", "--output-dir", "out"],
+    proc = run_main("ppo.py", [*TINY, "--reward-scale", "1e30", "--no-capture-video", "--output-dir", "out"],
                       cwd=tmp_path)
     assert proc.returncode == 1
     assert error_lines(proc) == ["error: iteration 1: non-finite loss (nan or inf); stopped without saving this "

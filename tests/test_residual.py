@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import util
-from conftest import TINY, run_script
+from conftest import TINY, run_main
 
 
 def test_scale_schedule_gives_the_scale_at_chosen_steps():
@@ -32,7 +32,7 @@ def test_critic_warmup_freezes_the_actor(tmp_path):
     args = [*TINY, "--total-timesteps", "64", "--critic-warmup-iters", "2", "--expert-type", "ik,zero",
             "--fusion", "learned", "--residual-warmup-steps", "32", "--no-capture-video", "--keep-checkpoints", "4",
             "--output-dir", str(tmp_path)]
-    proc = run_script("ppo.py", args, cwd=tmp_path)
+    proc = run_main("ppo.py", args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "PickCube-v1__ppo__1__*"))
     # ckpt_<i> follows iteration i: iterations 1 and 2 train the critic alone, 3 and 4 everything
