@@ -15,29 +15,18 @@ TINY = ["--sim-backend", "cpu", "--num-envs", "2", "--num-eval-envs", "1", "--nu
         "--num-minibatches", "2", "--total-timesteps", "32", "--eval-freq", "1", "--eval-reconfiguration-freq", "0"]
 
 
-def shared_run(item):
-    """The shared training run (below) that test `item` uses, if any: "trained", or "ik_run[<script>]" for the IK
-    run of the script named by the test's `script` parameter or its ik_run mark."""
-    fixtures = getattr(item, "fixturenames", ())
-    if "trained" in fixtures:
-        return "trained"
-    if "ik_run" in fixtures:
-        mark = item.get_closest_marker("ik_run")
-        return f"ik_run[{mark.args[0] if mark else item.callspec.params['script']}]"
-    return None
+# the session-scoped training runs below; under pytest-xdist (`make test` runs two workers) each one's users share a
+# worker, so that no run is trained twice. The marks must be in place before xdist's own hook reads them.
+SHARED_RUNS = ("trained", "ik_run")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "ik_run(script): the test uses the IK run of `script` (the ik_run fixture)")
-
-
-# under pytest-xdist (`make test` runs two workers) the users of each shared run share a worker, so that no run is
-# trained twice, and the runs spread over the workers. The marks must be in place before xdist's own hook reads them.
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     for item in items:
-        if name := shared_run(item):
-            item.add_marker(pytest.mark.xdist_group(name))
+        for name in SHARED_RUNS:
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(name))
+                break
 
 
 def run_script(script, args, cwd, timeout=600):
@@ -72,23 +61,17 @@ SMALL_CAMERA = ["--camera-width", "36", "--camera-height", "36"]
 
 
 @pytest.fixture(scope="session")
-def ik_runs():
-    """The IK runs this process has trained, by script."""
-    return {}
-
-
-@pytest.fixture
-def ik_run(ik_runs, tmp_path_factory, request):
+def ik_run(tmp_path_factory):
     """ik_run(script): on first use, a tiny run of `script` over the IK expert at residual scale 0.2, with
-    IK_RUN_FLAGS[script] (image scripts with 36x36 cameras): (run directory, finished process). The test names
-    `script` by its `script` parameter or an ik_run mark, which puts it in that run's xdist group."""
+    IK_RUN_FLAGS[script] (image scripts with 36x36 cameras): (run directory, finished process)."""
+    runs = {}
+
     def run(script):
-        assert shared_run(request.node) == f"ik_run[{script}]", f"{request.node.name}: mark it ik_run({script!r})"
-        if script not in ik_runs:
+        if script not in runs:
             camera = SMALL_CAMERA if "rgb" in script else []
-            ik_runs[script] = tiny_run(script, tmp_path_factory.mktemp(script[:-3]), "--expert-type", "ik",
-                                       "--residual-scale", "0.2", *IK_RUN_FLAGS[script], *camera)
-        return ik_runs[script]
+            runs[script] = tiny_run(script, tmp_path_factory.mktemp(script[:-3]), "--expert-type", "ik",
+                                    "--residual-scale", "0.2", *IK_RUN_FLAGS[script], *camera)
+        return runs[script]
 
     return run
 

@@ -32,7 +32,6 @@ def with_head(path, out, bias):
     return str(out)
 
 
-@pytest.mark.ik_run("ppo.py")
 def test_a_run_keeps_the_newest_numbered_checkpoints(ik_run):
     run_dir = ik_run("ppo.py")[0]  # two iterations, --keep-checkpoints 1
     assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "*.pt"))) == \
@@ -63,7 +62,6 @@ def test_evaluate_scores_the_expert_under_a_zero_residual(script, ik_run, tmp_pa
     assert metrics["success_once"] == 1.0, metrics
 
 
-@pytest.mark.ik_run("ppo_fast.py")
 def test_model_expert_is_the_clipped_sum_of_its_base_and_scaled_mean(ik_run, tmp_path):
     """A checkpoint trained over IK at scale 0.2, its policy mean set to a large constant: the expert executes
     clip(IK + 0.2 * mean), computed here from the IK expert and the network by hand."""
@@ -177,11 +175,13 @@ def test_a_run_without_an_expert_reports_its_final_eval_alone(trained):
 def test_the_users_of_each_shared_run_go_to_one_xdist_worker(request):
     """Under `make test` (pytest-xdist, --dist loadgroup) every test of a shared training run carries that run's
     group, so that one worker trains it once for all of them."""
-    from conftest import shared_run
+    from conftest import SHARED_RUNS
 
     if not getattr(request.config.option, "loadgroup", False):
         pytest.skip("runs under pytest-xdist's --dist loadgroup, as `make test` does")
-    users = {item.nodeid: shared_run(item) for item in request.session.items if shared_run(item)}
+    groups = {item.nodeid: next((n for n in SHARED_RUNS if n in item.fixturenames), None)
+              for item in request.session.items}
+    users = {nodeid: name for nodeid, name in groups.items() if name}
     if not users:
         pytest.skip("no test of a shared run is selected")
     assert all(nodeid.endswith(f"@{name}") for nodeid, name in users.items()), users

@@ -161,7 +161,6 @@ def test_update_stops_where_ppo_stops():
         torch.testing.assert_close(p, q - 0.1, rtol=0, atol=1e-6)
 
 
-@pytest.mark.ik_run("ppo_fast.py")
 def test_ppo_fast_compile_cudagraphs(ik_run):
     run_dir, proc = ik_run("ppo_fast.py")  # --compile --cudagraphs --verbose
     assert proc.stdout.count(CUDA_NOTICE) == (0 if torch.cuda.is_available() else 1)
@@ -179,7 +178,6 @@ def test_ppo_fast_compile_cudagraphs(ik_run):
     assert not any(k.startswith("_orig_mod.") for k in payload["model"])
 
 
-@pytest.mark.ik_run("ppo_rgb_fast.py")
 def test_ppo_rgb_fast_compile_and_its_image_model_expert(ik_run):
     run_dir, proc = ik_run("ppo_rgb_fast.py")  # --compile, 36x36 camera
     assert COMPILE_LINE in proc.stdout

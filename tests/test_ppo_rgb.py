@@ -32,14 +32,12 @@ def test_policy_sees_exactly_maniskills_rgb_observation():
     reference.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def trained_rgb(ik_run):
-    """Three iterations over the IK expert (36x36 camera), the first two critic-only: the run directory. Its users
-    carry the mark of ppo_rgb.py's IK run."""
+    """Three iterations over the IK expert (36x36 camera), the first two critic-only: the run directory."""
     return ik_run("ppo_rgb.py")[0]
 
 
-@pytest.mark.ik_run("ppo_rgb.py")
 def test_rgb_training_keeps_images_as_uint8_and_writes_outputs(trained_rgb):
     summary = json.load(open(os.path.join(trained_rgb, "summary.json")))
     # per env step: the uint8 image, and float32 state (qpos 9, qvel 9, is_grasped 1, tcp_pose 7, goal_pos 3, IK
@@ -50,7 +48,6 @@ def test_rgb_training_keeps_images_as_uint8_and_writes_outputs(trained_rgb):
     assert ckpt["meta"]["network"] == "cnn-rgb-state" and ckpt["meta"]["rgb_shape"] == [36, 36, 3]
 
 
-@pytest.mark.ik_run("ppo_rgb.py")
 def test_rgb_critic_warmup_freezes_encoders_and_actor(trained_rgb):
     # ckpt_<i> follows iteration i: iteration 2 trains the critic alone, iteration 3 everything; the encoders
     # feed the actor
@@ -64,7 +61,6 @@ def test_rgb_critic_warmup_freezes_encoders_and_actor(trained_rgb):
     assert not all(torch.equal(start[k], final[k]) for k in frozen), "everything trains after the warm-up"
 
 
-@pytest.mark.ik_run("ppo_rgb.py")
 def test_state_script_refuses_an_image_checkpoint(trained_rgb, tmp_path):
     ckpt = os.path.join(trained_rgb, "final_ckpt.pt")
     for flags, message in [(["--evaluate", "--checkpoint", ckpt], "network=cnn-rgb-state (written by ppo_rgb.py)"),
