@@ -78,10 +78,11 @@ def ik_run(tmp_path_factory):
 
 def run_main(script, args, cwd):
     """Run `script`'s command line (a path under the repository) in this process, as `python script args` would run
-    it (util.run_cli, exit code included). It saves what a new interpreter costs every run: importing torch and ManiSkill, and starting the CPU
-    backend's fork server, which stays up for the runs after. What a run changes in the process is put back: the
-    working directory, argv, the signal handlers, torch's thread count and the distributions' argument checks.
-    Runs that are signalled or killed need a process of their own (run_script). Returns a CompletedProcess."""
+    it (util.run_cli, exit code included). It saves what a new interpreter costs every run: importing torch and
+    ManiSkill, and starting the CPU backend's fork server, which stays up for the runs after. What a run changes in
+    the process is put back: the working directory, argv, the signal handlers, torch's thread count and the
+    distributions' argument checks. Runs that are signalled or killed need a process of their own (run_script).
+    Returns a CompletedProcess."""
     import contextlib
     import importlib
     import importlib.util
