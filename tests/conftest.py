@@ -76,6 +76,16 @@ def ik_run(tmp_path_factory):
     return run
 
 
+def load_file(path):
+    """The module in `path` under the repository, for files not importable by name, such as bench/learning.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_main(script, args, cwd):
     """Run `script`'s command line (a path under the repository) in this process, as `python script args` would run
     it (util.run_cli, exit code included). It saves what a new interpreter costs every run: importing torch and
@@ -85,19 +95,13 @@ def run_main(script, args, cwd):
     Returns a CompletedProcess."""
     import contextlib
     import importlib
-    import importlib.util
     import io
     import signal
     import traceback
 
     import util
 
-    if os.sep in script:  # not importable by name, such as bench/learning.py
-        spec = importlib.util.spec_from_file_location(os.path.basename(script)[:-3], os.path.join(ROOT, script))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(script[:-3])
+    module = load_file(script) if os.sep in script else importlib.import_module(script[:-3])
     out, err = io.StringIO(), io.StringIO()
     argv, here, threads = sys.argv, os.getcwd(), torch.get_num_threads()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}

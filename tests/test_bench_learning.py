@@ -2,7 +2,6 @@
 evaluates a final checkpoint, and the expert alone on the episodes of a run's evals; bench/outcome_sensitivity.py's
 replay of those episodes."""
 
-import importlib.util
 import json
 import os
 
@@ -10,17 +9,14 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from conftest import run_main
+from conftest import load_file, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_bench(name):
     """bench/<name>.py as a module (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_bench", os.path.join(ROOT, "bench", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file(f"bench/{name}.py")
 
 
 @pytest.fixture(scope="module")
