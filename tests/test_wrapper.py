@@ -91,14 +91,29 @@ def test_final_observation_carries_expert_action(native_env):
 
 
 def test_action_stats_and_noise(native_env):
-    wrapper = util.ExpertResidualWrapper(native_env, ConstantExpert(EXPERT), residual_scale=1.0,
-                                         expert_action_noise=0.3)
-    obs, _ = wrapper.reset(seed=0)
-    assert not torch.allclose(obs[:, -8:], torch.tensor([EXPERT])), "noise must reach the shown expert action"
+    rec = RecordingEnv(native_env)
+    wrapper = util.ExpertResidualWrapper(rec, ConstantExpert(EXPERT), residual_scale=1.0)
+    wrapper.reset(seed=0)
     _, _, _, _, info = wrapper.step(torch.full((1, 8), 0.25))
     stats = info["action_stats"]
     assert set(stats) == {"expert", "residual", "final"}
+    # mean |EXPERT| = 4.1 / 8; mean |clip(EXPERT + 0.25)| = (0.75+0.25+1+0.25+0.45+0.65+0.35+1) / 8 = 4.7 / 8
+    assert stats["expert"].item() == pytest.approx(4.1 / 8)
     assert stats["residual"].item() == pytest.approx(0.25)
+    assert stats["final"].item() == pytest.approx(4.7 / 8)
+
+    noisy = util.ExpertResidualWrapper(rec, ConstantExpert(EXPERT), residual_scale=1.0, expert_action_noise=0.3)
+    obs, _ = noisy.reset(seed=0)
+    for _ in range(4):  # max_episode_steps=4: the last step ends the episode
+        shown = obs[:, -8:].clone()
+        assert not torch.allclose(shown, torch.tensor([EXPERT])), "noise must reach the shown expert action"
+        obs, _, _, trunc, info = noisy.step(torch.full((1, 8), 0.25))
+        # the noisy action the policy saw is the one executed, and the one the stats call the expert's
+        torch.testing.assert_close(rec.executed[-1], (shown + 0.25).clamp(-1, 1))
+        assert info["action_stats"]["expert"].item() == pytest.approx(shown.abs().mean().item())
+    assert trunc.all()
+    # the final observation bootstraps the value, so it shows the expert's action without noise
+    assert torch.equal(info["final_observation"][:, -8:], torch.tensor([EXPERT]))
 
 
 def nan_expert(obs):
