@@ -155,8 +155,13 @@ def test_a_run_reports_its_expert_alone_and_where_it_ended(script, ik_run):
     run_dir, proc = ik_run(script)
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     first, final = summary["expert_alone"]["success_once"], summary["eval"]["success_once"]
-    assert "eval @ 0 steps: success_once=" in proc.stdout
+    evals = re.findall(r"^eval @ (\d+) steps: success_once=([0-9.]+)", proc.stdout, re.M)
+    assert evals[0][0] == "0" and int(evals[-1][0]) == summary["global_step"] > 0, evals
+    # the summary's figures are the printed evals': the first (the expert alone) and the last
+    assert first == pytest.approx(float(evals[0][1]), abs=5e-4)
+    assert final == pytest.approx(float(evals[-1][1]), abs=5e-4)
     assert proc.stdout.count("(the expert alone: the residual head starts at zero)") == 1
+    assert re.search(r"^eval @ 0 steps: .*\(the expert alone: the residual head starts at zero\)$", proc.stdout, re.M)
     last_line = proc.stdout.strip().splitlines()[-1]
     assert last_line.startswith(f"PickCube-v1: expert alone {first:.2f} -> with residual {final:.2f} success_once "
                                 f"({summary['global_step']} env steps, "), last_line
