@@ -228,6 +228,7 @@ def test_two_ranks_on_nccl_keep_identical_weights(tmp_path):
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert summary["world_size"] == 2 and len(summary["parameter_hashes"]) == 2
     assert all(rank0 == rank1 for rank0, rank1 in summary["parameter_hashes"])
+    assert len({rank0 for rank0, _ in summary["parameter_hashes"]}) == 2, "every update changes the weights"
 
 
 @needs_cuda
