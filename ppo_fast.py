@@ -78,7 +78,7 @@ class Args:
     ik_gain: float = 1.0
     """IK expert gain, 1: the whole error per step (tasks: Pick/Stack/Push/Pull/PokeCube, PegInsertionSide, LiftPegUpright, PlugCharger)"""
     ik_calibration_mm: float = 0.0
-    """IK expert's calibration error: it perceives its task's target (goal, hole) this many millimetres off"""
+    """IK expert's calibration error: it perceives its task's target (goal, cube, hole or peg) this many millimetres off"""
     ik_calibration_deg: float = 0.0
     """IK expert's calibration error: and turned this many degrees about its own origin"""
     ik_calibration_seed: int = 0

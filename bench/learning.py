@@ -22,8 +22,10 @@ configurations of a task (--task, see TASKS): three by default, any of them with
 Each run's eval success_once against env steps comes from its tensorboard events. An eval of
 --num-eval-envs episodes is a coarse measure, so each run's final checkpoint is also evaluated on
 --final-episodes episodes (``ppo.py --evaluate``). Each IK expert is also measured alone (residual zero) on
---expert-episodes episodes, evaluated as ppo.py evaluates, and the good one also on the very episodes of
-each eval of its runs (the eval envs of the run's seed), so that every eval point has a paired baseline.
+--expert-episodes full episodes of --num-eval-envs envs, which keep the scenes they were built with (ppo.py's eval
+envs build a new scene every episode; on PegInsertionSide-v1 the scene draws the peg's and the hole's sizes), and
+the good one also on the very episodes of each eval of its runs (the eval envs of the run's seed, built as ppo.py
+builds them), so that every eval point has a paired baseline.
 Writes learning.csv, learning.png and learning.json to --out, and prints a table and the targets:
 
 - ``weak_ik`` reaches eval success_once >= 0.9 within the budget with every seed;
@@ -45,7 +47,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -149,8 +151,8 @@ def _ik_expert_on(env, config: str, task: dict, args: Args) -> "util.ExpertResid
 
 
 def expert_alone(config: str, task: dict, args: Args) -> float:
-    """success_once of a configuration's IK expert with a zero residual, in full episodes as ppo.py evaluates
-    (recorded in --out like the runs, and reused unless --rerun)."""
+    """success_once of a configuration's IK expert with a zero residual, in full episodes on envs that keep their
+    scenes (recorded in --out like the runs, and reused unless --rerun)."""
     gain, millimetres = _ik_settings(config, task)
     record_path = _expert_alone_path(args, config, args.expert_episodes)
     if not args.rerun and os.path.isfile(record_path):

@@ -12,29 +12,26 @@ Data path: backend -> ExpertResidualWrapper -> training script.
 ``import util`` gives the names the scripts and benches use, so they write ``util.make_env`` and the like.
 """
 
-from .backends import (NO_CUDA_VULKAN, CpuVectorEnv, NativeVectorEnv, available_cores, check_env_id,
-                       check_reward_mode, cuda_renders, make_env, render_backend, resolve_sim_backend)
-from .residual import (FUSIONS, SCALE_MODES, SCALE_SCHEDULES, CriticWarmup, ExpertResidualWrapper, ResidualSchedule,
-                       adaptive_scale, check_fusion, check_scale_mode, compose_action, consult, expert_confidence,
-                       flat_state, image_policy_obs, with_expert_action)
+from .backends import (NO_CUDA_VULKAN, CpuVectorEnv, NativeVectorEnv, available_cores, check_env_id, check_reward_mode,
+                       cuda_renders, make_env, resolve_sim_backend)
+from .residual import (SCALE_SCHEDULES, CriticWarmup, ExpertResidualWrapper, ResidualSchedule, adaptive_scale,
+                       check_fusion, check_scale_mode, compose_action, consult, expert_confidence, flat_state,
+                       image_policy_obs, with_expert_action)
 from .run import (STOP_SIGNALS, Distributed, EpisodeMetrics, FatalError, GracefulStop, PhaseTimer, UsageError,
-                  WorkerDied, check_checkpoint, check_checkpoint_flags, check_finite, check_flags, check_resume,
-                  check_writable, first_line,
-                  init_distributed, load_checkpoint, load_optimizer_state, peak_gpu_memory, resume_args, rng_state,
-                  run_cli, save_checkpoint, save_json, save_run_checkpoint, save_video, set_rng_state, step_where,
-                  versions, RunOutput, close_run, eval_line, evaluate, restore_training, resume_command,
-                  save_training_checkpoint, seed_everything, write_atomically)
+                  check_checkpoint, check_checkpoint_flags, check_finite, check_flags, check_resume, check_writable,
+                  first_line, init_distributed, load_checkpoint, load_optimizer_state, peak_gpu_memory, resume_args,
+                  run_cli, save_checkpoint, save_json, save_run_checkpoint, step_where, versions, RunOutput, close_run,
+                  eval_line, evaluate, restore_training, resume_command, save_training_checkpoint, seed_everything,
+                  write_atomically)
 
 
 __all__ = ["NO_CUDA_VULKAN", "CpuVectorEnv", "NativeVectorEnv", "available_cores", "check_env_id", "check_reward_mode",
-           "cuda_renders", "make_env", "render_backend", "resolve_sim_backend", "FUSIONS", "SCALE_MODES",
-           "SCALE_SCHEDULES", "CriticWarmup", "ExpertResidualWrapper", "ResidualSchedule", "adaptive_scale",
-           "check_fusion", "check_scale_mode", "compose_action", "consult", "expert_confidence", "flat_state",
-           "image_policy_obs", "with_expert_action", "STOP_SIGNALS", "Distributed", "EpisodeMetrics", "FatalError",
-           "GracefulStop", "PhaseTimer", "UsageError", "WorkerDied", "check_checkpoint", "check_checkpoint_flags",
-           "check_finite", "check_flags",
-           "check_resume", "check_writable", "first_line", "init_distributed", "load_checkpoint",
-           "load_optimizer_state", "peak_gpu_memory", "resume_args", "rng_state", "run_cli", "save_checkpoint",
-           "save_json", "save_run_checkpoint", "save_video", "set_rng_state", "step_where", "versions", "RunOutput",
-           "close_run", "eval_line", "evaluate", "restore_training", "resume_command", "save_training_checkpoint",
-           "seed_everything", "write_atomically"]
+           "cuda_renders", "make_env", "resolve_sim_backend", "SCALE_SCHEDULES", "CriticWarmup",
+           "ExpertResidualWrapper", "ResidualSchedule", "adaptive_scale", "check_fusion", "check_scale_mode",
+           "compose_action", "consult", "expert_confidence", "flat_state", "image_policy_obs", "with_expert_action",
+           "STOP_SIGNALS", "Distributed", "EpisodeMetrics", "FatalError", "GracefulStop", "PhaseTimer", "UsageError",
+           "check_checkpoint", "check_checkpoint_flags", "check_finite", "check_flags", "check_resume",
+           "check_writable", "first_line", "init_distributed", "load_checkpoint", "load_optimizer_state",
+           "peak_gpu_memory", "resume_args", "run_cli", "save_checkpoint", "save_json", "save_run_checkpoint",
+           "step_where", "versions", "RunOutput", "close_run", "eval_line", "evaluate", "restore_training",
+           "resume_command", "save_training_checkpoint", "seed_everything", "write_atomically"]
