@@ -226,9 +226,11 @@ def test_gpu_backend_needs_cuda(script, extra, tmp_path):
 # residual techniques and reliability, as in ppo.py (eager: compiling every run would dominate these tests)
 # ---------------------------------------------------------------------------------------------------------------
 def test_ppo_fast_critic_warmup_progressive_exploration_and_learned_fusion(tmp_path):
-    """3 iterations of 16 steps, the first 2 critic-only; the residual probability is 0, 0.25, 0.5."""
+    """3 iterations of 16 steps, the first 2 critic-only; the residual probability is 0, 0.25, 0.5; the learning
+    rate anneals, which the update reads from a tensor changed in place; the residual scale goes from 0.5 to 0.2."""
     args = [*TINY, "--total-timesteps", "48", "--critic-warmup-iters", "2", "--keep-checkpoints", "5",
             "--expert-type", "ik,zero", "--fusion", "learned", "--residual-warmup-steps", "64", "--residual-scale", "0.5",
+            "--residual-scale-schedule", "linear", "--residual-scale-final", "0.2", "--anneal-lr",
             "--control-mode", "pd_ee_delta_pos", "--no-capture-video", "--output-dir", str(tmp_path)]
     proc = run_main("ppo_fast.py", args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -255,6 +257,12 @@ def test_ppo_fast_critic_warmup_progressive_exploration_and_learned_fusion(tmp_p
     policy_loss = {e.step: e.value for e in events.Scalars("losses/policy_loss")}
     assert policy_loss[16] == 0.0 and policy_loss[32] != 0.0
     assert [e.value for e in events.Scalars("charts/residual_prob")] == [0.0, 0.25, 0.5]
+    # each iteration's values, set at its start (steps 0, 16, 32 of 48)
+    assert [e.value for e in events.Scalars("charts/learning_rate")] == pytest.approx([3e-4, 2e-4, 1e-4])
+    assert [e.value for e in events.Scalars("charts/residual_scale")] == pytest.approx([0.5, 0.4, 0.3])
+    assert final["meta"]["residual_scale"] == pytest.approx(0.2)  # at step 48, where the final eval ran
+    # the update ran at the annealed rate: Adam's saved rate is the last iteration's
+    assert final["resume"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
 
     # as a model expert it executes its learned mix: softmax(logits)-weighted IK and zero experts plus the scaled
     # residual, computed here by hand from a mean set to residual (0.3, -0.2, 0.1, 0.9) and logits (2, -1)

@@ -1,10 +1,11 @@
-"""Residual techniques: the residual scale schedule and critic warm-up in ppo.py."""
+"""Residual techniques in ppo.py: the residual scale schedule, critic warm-up, and the learning rate schedule."""
 
 import glob
 import os
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import util
 from conftest import TINY, run_main
@@ -28,10 +29,12 @@ def test_scale_schedule_gives_the_scale_at_chosen_steps():
 
 
 def test_critic_warmup_freezes_the_actor(tmp_path):
-    """4 iterations, the first 2 critic-only, over two experts with a learned mix (an action of 4 + 2)."""
+    """4 iterations, the first 2 critic-only, over two experts with a learned mix (an action of 4 + 2); the learning
+    rate anneals and the residual scale goes from 0.1 to 0.5."""
     args = [*TINY, "--total-timesteps", "64", "--critic-warmup-iters", "2", "--expert-type", "ik,zero",
             "--fusion", "learned", "--residual-warmup-steps", "32", "--no-capture-video", "--keep-checkpoints", "4",
-            "--output-dir", str(tmp_path)]
+            "--anneal-lr", "--residual-scale", "0.1", "--residual-scale-schedule", "linear", "--residual-scale-final",
+            "0.5", "--output-dir", str(tmp_path)]
     proc = run_main("ppo.py", args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "PickCube-v1__ppo__1__*"))
@@ -52,3 +55,11 @@ def test_critic_warmup_freezes_the_actor(tmp_path):
     # 2 warm-up iterations x 4 epochs x 2 minibatches (a frozen actor's KL is 0: no epoch stops early)
     actor_steps, critic_steps = (state[names.index(k)]["step"] for k in ("actor_logstd", "critic.0.weight"))
     assert actor_steps > 0 and critic_steps - actor_steps == 2 * 4 * 2, (actor_steps, critic_steps)
+
+    # each iteration's values, set at its start (steps 0, 16, 32, 48 of 64)
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    assert [e.value for e in events.Scalars("charts/learning_rate")] == pytest.approx([3e-4, 2.25e-4, 1.5e-4, 0.75e-4])
+    assert [e.value for e in events.Scalars("charts/residual_scale")] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert final["meta"]["residual_scale"] == pytest.approx(0.5)  # at step 64, where the final eval ran
+    assert final["resume"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.75e-4)
