@@ -2,10 +2,11 @@
 shown to the policy, and the confidence sources (the IK expert's phases, several experts' agreement)."""
 
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import experts
 import util
-from conftest import RecordingEnv, pick_cube_state
+from conftest import TINY, RecordingEnv, pick_cube_state, run_main
 
 EXPERT_ACTION = torch.tensor([0.1, -0.2, 0.05, 0.0])  # pd_ee_delta_pos: xyz and gripper, all inside the bounds
 RESIDUAL = torch.tensor([0.2, 0.2, -0.4, 0.3])
@@ -79,5 +80,43 @@ def test_several_experts_are_as_confident_as_they_agree():
         torch.testing.assert_close(obs[:, -1], 0.5 * (1 - torch.tensor([0.8, 0.6])))
         same = util.ExpertResidualWrapper(env, [left, left], residual_scale=0.5, residual_scale_mode="adaptive")
         torch.testing.assert_close(same.reset(seed=0)[0][:, -1], torch.zeros(2))  # full agreement: no authority
+    finally:
+        env.close()
+
+
+def test_an_adaptive_run_trains_and_its_checkpoint_acts_with_the_scale_it_was_trained_with(tmp_path):
+    """ppo.py under --residual-scale-mode adaptive; its checkpoint as a model expert rebuilds the per-env scale from
+    the IK expert's phase, shows it to the policy and executes clip(ik + scale * mean)."""
+    args = [*TINY, "--expert-type", "ik", "--control-mode", "pd_ee_delta_pos", "--residual-scale-mode", "adaptive",
+            "--residual-scale", "0.5", "--residual-scale-min", "0.1", "--no-capture-video", "--output-dir",
+            str(tmp_path)]
+    proc = run_main("ppo.py", args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = [str(p) for p in tmp_path.glob("PickCube-v1__ppo__1__*")]
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    executed_scales = [e.value for e in events.Scalars("actions/residual_scale_abs_mean")]
+    assert len(executed_scales) == 2 and all(0.1 <= s <= 0.5 for s in executed_scales), executed_scales
+
+    checkpoint = torch.load(f"{run_dir}/final_ckpt.pt", weights_only=True)
+    mean = torch.tensor([0.3, -0.2, 0.1, 0.9])
+    checkpoint["model"]["actor_mean.6.weight"].zero_()
+    checkpoint["model"]["actor_mean.6.bias"].copy_(mean)
+    torch.save(checkpoint, tmp_path / "adaptive.pt")
+    env = util.make_env("PickCube-v1", 3, "cpu", control_mode="pd_ee_delta_pos")
+    try:
+        model = experts.make_expert("model", "PickCube-v1", env, model_path=str(tmp_path / "adaptive.pt"))
+        obs, _ = env.reset(seed=0)
+        assert checkpoint["meta"]["obs_dim"] == util.flat_state(obs).shape[1] + 4 + 1, "the scale is a column"
+        # the real observation, with the TCP and cube placed by hand: approach, closing on the cube, carrying
+        scripted = pick_cube_state(tcp=[[0.0, 0.0, 0.2], [0.1, 0.1, 0.02], [0.1, 0.1, 0.02]],
+                                   cube=[[0.1, 0.1, 0.02]] * 3, grasped=[False, False, True])
+        obs["agent"]["qpos"][:, 7:] = scripted["agent"]["qpos"][:, 7:]
+        for key in ("is_grasped", "tcp_pose", "obj_pose"):
+            obs["extra"][key] = scripted["extra"][key]
+        ik = experts.IKExpert("PickCube-v1", "pd_ee_delta_pos")(obs)
+        # confidence 1, 0.5, 1 -> scale 0.1 + 0.4 * (1 - confidence) = 0.1, 0.3, 0.1
+        want = (ik + torch.tensor([[0.1], [0.3], [0.1]]) * mean).clamp(-1, 1)
+        torch.testing.assert_close(model(obs), want)
     finally:
         env.close()
