@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ppo
 import util
@@ -41,8 +42,14 @@ def test_training_writes_checkpoint_events_and_video(trained):
     run_dir, proc = trained
     assert "eval @ 32 steps: success_once=" in proc.stdout
     assert glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
-    videos = glob.glob(os.path.join(run_dir, "videos", "*.mp4"))
-    assert videos and all(os.path.getsize(v) > 1000 for v in videos)
+    # 2 iterations of 2 envs x 8 steps, an eval at the start of each and one at the end
+    videos = sorted(glob.glob(os.path.join(run_dir, "videos", "*.mp4")))
+    assert [os.path.basename(v) for v in videos] == ["eval_0.mp4", "eval_16.mp4", "eval_32.mp4"]
+    assert all(os.path.getsize(v) > 1000 for v in videos)
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/success_once")] == [0, 16, 32]
+    assert [e.step for e in events.Scalars("losses/value_loss")] == [16, 32]
     assert not glob.glob(os.path.join(run_dir, "*.tmp*")), "atomic save leaves no temporary files"
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert summary["global_step"] == 32 and "success_once" in summary["eval"]
@@ -52,7 +59,7 @@ def test_training_writes_checkpoint_events_and_video(trained):
     assert meta["env_id"] == "PickCube-v1" and meta["control_mode"] == "pd_joint_delta_pos"
     assert (meta["obs_dim"], meta["action_dim"]) == (50, 8)
     assert meta["network"] == "mlp-state" and meta["args"]["num_envs"] == 2
-    assert set(meta["versions"]) == {"torch", "mani_skill", "python"}
+    assert meta["versions"]["torch"] == torch.__version__ and set(meta["versions"]) == {"torch", "mani_skill", "python"}
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
     assert ckpt["model"]["actor_mean.6.weight"].shape == (8, 256)
 
