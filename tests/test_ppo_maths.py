@@ -121,12 +121,19 @@ def test_the_surrogate_is_clipped_and_masked(name):
     module, agent, obs = agent_and_obs(name, 2)
     args = module.Args(norm_adv=False, clip_coef=0.2)
     torch.manual_seed(0)
+    with torch.no_grad():
+        agent.actor_logstd.fill_(-0.7)
 
     # ratio e (stored log-probabilities 1 lower): with advantage +1 the objective is clipped at 1.2 and gives no
     # gradient; with advantage -1 the unclipped e * -1 is the pessimistic term and does
     pos = module.ppo_losses(agent, minibatch(agent, obs, torch.tensor([1.0, 1.0]), logprob_shift=1.0), args)
     torch.testing.assert_close(pos["pg_loss"], torch.tensor(-1.2))
     assert pos["clipfrac"] == 1.0
+    # log-ratio 1: the KL estimators -log r = -1 and (r - 1) - log r = e - 2
+    torch.testing.assert_close(pos["old_approx_kl"], torch.tensor(-1.0))
+    torch.testing.assert_close(pos["approx_kl"], torch.tensor(math.e - 2))
+    # a diagonal Gaussian's entropy: per dimension 0.5 * ln(2 pi e) + log std
+    torch.testing.assert_close(pos["entropy"], torch.tensor(ACTION_DIM * (0.5 * math.log(2 * math.pi * math.e) - 0.7)))
     assert all(not g.any() for g in actor_grads(agent, pos["pg_loss"]))
     neg = module.ppo_losses(agent, minibatch(agent, obs, torch.tensor([-1.0, -1.0]), logprob_shift=1.0), args)
     torch.testing.assert_close(neg["pg_loss"], torch.tensor(torch.e))
