@@ -199,3 +199,19 @@ def test_learned_fusion_starts_at_the_mean_and_logits_pick_an_expert(native_env)
     torch.testing.assert_close(rec.executed[-1], torch.full((1, 8), 0.5 + 0.5 * 0.2))
     with pytest.raises(ValueError, match="at least two"):
         util.ExpertResidualWrapper(native_env, ConstantExpert(EXPERT), fusion="learned")
+
+
+def test_compose_action_by_hand():
+    """The one place the action is composed: two experts, a residual and fusion logits, worked out by hand."""
+    experts_actions = torch.tensor([[[0.2, -0.4], [0.6, 0.0]]] * 2)  # [env, expert, dim]; their mean (0.4, -0.2)
+    policy = torch.tensor([[0.5, 0.5, -30.0, 30.0]] * 2)  # residual, then logits that pick the second expert
+    action, base = util.compose_action(experts_actions, policy[:, :2], 0.4)
+    torch.testing.assert_close(base, torch.tensor([[0.4, -0.2]] * 2))
+    torch.testing.assert_close(action, torch.tensor([[0.6, 0.0]] * 2))  # mean + 0.4 * 0.5
+    per_env = util.compose_action(experts_actions, policy[:, :2], torch.tensor([[0.4], [1.0]]))[0]
+    torch.testing.assert_close(per_env, torch.tensor([[0.6, 0.0], [0.9, 0.3]]))
+    # learned fusion; env 1's coin said "expert alone": it executes the plain mean, ignoring residual and logits
+    action, base = util.compose_action(experts_actions, policy, 0.4, "learned", torch.tensor([True, False]),
+                                       (torch.full((2,), -0.5), torch.full((2,), 0.5)))
+    torch.testing.assert_close(base, torch.tensor([[0.6, 0.0], [0.4, -0.2]]))
+    torch.testing.assert_close(action, torch.tensor([[0.5, 0.2], [0.4, -0.2]]))  # env 0: (0.8, 0.2) clipped
