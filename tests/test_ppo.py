@@ -181,6 +181,11 @@ BAD_NUMBERS = [
      "--residual-scale-final must be >= 0, got -1.0"),
     (["--residual-scale-schedule", "cosine"], "--residual-scale-schedule must be one of constant, linear, not 'cosine'"),
     (["--num-eval-steps", "0"], "--num-eval-steps must be >= 1, got 0"),
+    (["--num-eval-envs", "0"], "--num-eval-envs must be >= 1, got 0"),
+    (["--num-steps", "0"], "--num-steps must be >= 1, got 0"),
+    (["--num-minibatches", "0"], "--num-minibatches must be >= 1, got 0"),
+    (["--eval-freq", "0"], "--eval-freq must be >= 1, got 0"),
+    (["--residual-scale-final", "0.5"], "--residual-scale-final needs --residual-scale-schedule linear"),
     (["--update-epochs", "0"], "--update-epochs must be >= 1, got 0"),
     (["--residual-warmup-steps", "-5"], "--residual-warmup-steps must be >= 0, got -5"),
     (["--critic-warmup-iters", "-1"], "--critic-warmup-iters must be >= 0, got -1"),
@@ -199,6 +204,7 @@ BAD_CHOICES = [
     (["--expert-type", "ik", "--env-id", "PushT-v1"],
      "the IK expert has no plan for PushT-v1; supported: PickCube-v1, StackCube-v1, PushCube-v1, PullCube-v1, "
      "PegInsertionSide-v1, LiftPegUpright-v1, PokeCube-v1, PlugCharger-v1"),
+    (["--sim-backend", "tpu"], "--sim-backend must be auto, gpu or cpu, not 'tpu'"),
     (["--evaluate"], "--evaluate needs --checkpoint PATH"),
     (["--evaluate", "--checkpoint", "missing.pt"], "checkpoint 'missing.pt' does not exist"),
     (["--resume"], "--resume needs --checkpoint PATH (e.g. runs/<run>/latest.pt)"),
@@ -210,7 +216,8 @@ BAD_CHOICES = [
 
 @pytest.mark.parametrize("script", ["ppo.py", "ppo_rgb.py", "ppo_fast.py", "ppo_rgb_fast.py"])
 def test_flags_are_checked_in_every_script(script, tmp_path):
-    cases = BAD_NUMBERS + BAD_CHOICES + ([(["--camera-width", "20"], "--camera-width must be >= 36, got 20")]
+    cases = BAD_NUMBERS + BAD_CHOICES + ([(["--camera-width", "20"], "--camera-width must be >= 36, got 20"),
+                                          (["--camera-height", "20"], "--camera-height must be >= 36, got 20")]
                                          if "rgb" in script else [])
     for extra, message in cases:
         out = tmp_path / "runs"
