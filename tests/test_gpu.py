@@ -17,7 +17,7 @@ from tensordict.nn import CudaGraphModule
 import experts
 import ppo_fast
 import util
-from conftest import ROOT, run_script
+from conftest import ROOT, RecordingEnv, run_script
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -38,7 +38,7 @@ def check_episode_semantics(backend: str, num_envs: int, steps: int = 80) -> int
         seen.append(obs)
         return ik(obs)
 
-    env = util.make_env("PickCube-v1", num_envs, sim_backend=backend, control_mode="pd_ee_delta_pos")
+    env = RecordingEnv(util.make_env("PickCube-v1", num_envs, sim_backend=backend, control_mode="pd_ee_delta_pos"))
     ik = experts.IKExpert("PickCube-v1", env.control_mode)
     wrapper = util.ExpertResidualWrapper(env, expert, residual_scale=1.0)
     action_dim = wrapper.action_dim  # 4 in pd_ee_delta_pos: the TCP's x, y, z and the gripper
@@ -59,7 +59,8 @@ def check_episode_semantics(backend: str, num_envs: int, steps: int = 80) -> int
             done = terminated | truncated
             assert len(seen) == (2 if done.any() else 1)
             torch.testing.assert_close(obs[:, -action_dim:], ik(seen[-1]))
-            assert torch.isfinite(shown).all()
+            # what the policy was shown is what the env executed (a zero residual; pd_ee_delta_pos bounds are +-1)
+            torch.testing.assert_close(env.executed[-1], shown.clamp(-1, 1))
             if not done.any():
                 assert "final_info" not in info
                 continue
