@@ -198,7 +198,10 @@ BAD_NUMBERS = [
 
 # refused alike by every script, before anything is built
 BAD_CHOICES = [
-    (["--env-id", "PickCub-v1"], "unknown env id 'PickCub-v1': did you mean PickCube-v1, PickCubeSO100-v1, PokeCube-v1?"),
+    (["--env-id", "PickCub-v1"], "env id 'PickCub-v1' is unknown: did you mean PickCube-v1, PickCubeSO100-v1, PokeCube-v1?"),
+    # registered with gymnasium, but not a task ManiSkill's backends can build
+    (["--env-id", "CartPole-v1"], "env id 'CartPole-v1' is not a ManiSkill task: did you mean "
+                                    "MS-CartpoleSwingUp-v1, MS-CartpoleBalance-v1, PlugCharger-v1?"),
     (["--expert-type", "oracle"],
      "unknown expert type 'oracle'; valid: zero, ik, model, custom, or a comma list of them such as ik,zero"),
     (["--expert-type", "ik", "--env-id", "PushT-v1"],

@@ -38,10 +38,13 @@ from .run import STOP_SIGNALS, FatalError, UsageError, WorkerDied, first_line, r
 
 
 def check_env_id(env_id: str) -> None:
-    if env_id not in gym.registry:
-        close = difflib.get_close_matches(env_id, list(gym.registry.keys()), n=3, cutoff=0.5)
+    """``env_id`` must be a ManiSkill task: gymnasium's registry also holds tasks (CartPole-v1) that
+    ManiSkill's backends cannot build."""
+    if env_id not in REGISTERED_ENVS:
+        close = difflib.get_close_matches(env_id, list(REGISTERED_ENVS), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "see mani_skill.envs for the registered ids"
-        raise UsageError(f"unknown env id '{env_id}': {hint}")
+        problem = "is not a ManiSkill task" if env_id in gym.registry else "is unknown"
+        raise UsageError(f"env id '{env_id}' {problem}: {hint}")
 
 
 def check_reward_mode(env_id: str, reward_mode: Optional[str]) -> None:
