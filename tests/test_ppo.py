@@ -140,7 +140,9 @@ def test_checkpoint_and_output_misuse_is_refused(trained, tmp_path):
         (["--resume", "--checkpoint", good, "--num-envs", "4"], "keeps the run's batch layout"),
         (["--resume", "--checkpoint", good, "--evaluate"], "exclude each other"),
         (["--resume", "--checkpoint", good], "give a larger --total-timesteps"),
-        (["--output-dir", str(a_file / "runs")], "is not writable"),
+        (["--output-dir", str(a_file / "runs")], "is not writable (checked '%s': Not a directory)" % a_file),
+        # root passes os.access everywhere; nothing can be made under /proc
+        (["--output-dir", "/proc/runs"], "output directory '/proc/runs' is not writable (checked '/proc':"),
     ]
     before = sorted(os.listdir(run_dir))
     for extra, message in cases:

@@ -4,6 +4,7 @@ numerical checks and videos. It imports nothing else of this package."""
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -13,6 +14,7 @@ import random
 import re
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections import defaultdict
@@ -129,12 +131,17 @@ def _obeys(value: float, rule: str) -> bool:
 
 
 def check_writable(directory: str) -> None:
-    """The output directory, or its nearest existing parent, must be writable."""
+    """The output directory, or its nearest existing parent, must take a new directory. Tried, not asked of
+    os.access: root passes every permission check, also where nothing can be made (/proc, a read-only mount)."""
     probe = os.path.abspath(directory)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"output directory '{directory}' is not writable (checked '{probe}')")
+    try:
+        if not os.path.isdir(probe):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=probe))
+    except OSError as e:
+        raise UsageError(f"output directory '{directory}' is not writable (checked '{probe}': {e.strerror})") from None
 
 
 # ----------------------------------------------------------------------------------------------
