@@ -106,6 +106,7 @@ def overhead(args: Args) -> dict:
 
 def main():
     args = tyro.cli(Args)
+    util.check_writable(os.path.dirname(os.path.abspath(args.out)))  # before the bench, not after it
     torch.set_num_threads(1)
     results = dict(episodes=args.episodes, ik_gain=args.ik_gain, num_envs=args.num_envs)
     print(f"{'task':<22}{'control mode':<22}{'success_once':>14}{'success_at_end':>16}{'ms per call':>13}")

@@ -223,6 +223,7 @@ def main():
         raise util.UsageError(f"--rows {' '.join(unmatched)} match no row; rows: {' '.join(r.name for r in ROWS)}")
     if args.iterations < 1 or args.num_eval_envs < 1 or args.num_eval_steps < 1:
         raise util.UsageError("--iterations, --num-eval-envs and --num-eval-steps must be >= 1")
+    util.check_writable(os.path.dirname(os.path.abspath(args.out)))
     rows = [row for row in ROWS if any(fnmatch.fnmatchcase(row.name, p) for p in args.rows)]
     deadline = time.monotonic() + args.budget
     logs = os.path.join(os.path.dirname(os.path.abspath(args.out)), "gpu_logs")

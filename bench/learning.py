@@ -464,6 +464,7 @@ def main():
     task = TASKS[args.task]
     args.out = os.path.abspath(args.out or os.path.join(
         ROOT, "bench/out/learning" if args.task == "PickCube-v1" else f"bench/out/learning-{args.task}"))
+    util.check_writable(args.out)
     args.total_timesteps = args.total_timesteps or task["total_timesteps"]
     planned = planned_runs(task, args)
     bench_start = time.time()

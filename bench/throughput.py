@@ -215,6 +215,7 @@ def main():
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         raise util.UsageError(f"unknown sections {sorted(unknown)}; valid: {', '.join(SECTIONS)}")
+    util.check_writable(os.path.dirname(os.path.abspath(args.out)))  # before the bench, not after it
     results = dict(cores=os.cpu_count(), num_envs=args.num_envs, env_id=args.env_id)
     if "env" in args.sections:
         results["single_env_sps"] = single_env_sps(args)

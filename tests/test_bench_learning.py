@@ -125,10 +125,11 @@ def test_the_outcome_sensitivity_bench_replays_the_same_episodes_and_applies_its
     """bench/outcome_sensitivity.py pairs episode by episode with the expert alone on ppo.py's eval episodes:
     its zero residual must give, eval by eval, the returns bench/learning.py's replay finds there (those match
     a run's own evals, above), and a residual of 0.5 must change them."""
-    sensitivity = load_bench("outcome_sensitivity")
     out = tmp_path / "sensitivity.json"
-    sensitivity.main(sensitivity.Args(task="PickCube-v1", control_mode="pd_ee_delta_pos", seed=3, num_eval_envs=2,
-                                      evals=3, residuals=[0.0, 0.5], out=str(out)))
+    proc = run_main("bench/outcome_sensitivity.py", ["--task", "PickCube-v1", "--control-mode", "pd_ee_delta_pos",
+                                                     "--seed", "3", "--num-eval-envs", "2", "--evals", "3",
+                                                     "--residuals", "0.0", "0.5", "--out", str(out)], cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     replays = json.load(open(out))["replays"]
 
     (tmp_path / "logs").mkdir()
@@ -181,6 +182,19 @@ def test_a_recorded_run_is_reused_only_for_the_same_training(learning):
     assert learning._same_training(recorded, "ppo.py --seed 1 --output-dir bench/out/runs --gamma 0.97")
     assert not learning._same_training(recorded, "ppo.py --seed 2 --output-dir /elsewhere/runs --gamma 0.97")
     assert not learning._same_training(recorded, "ppo.py --seed 1 --output-dir /elsewhere/runs --gamma 0.8")
+
+
+@pytest.mark.parametrize("bench", ["learning.py", "experts.py", "throughput.py", "outcome_sensitivity.py"])
+def test_every_bench_refuses_an_output_path_it_cannot_write_before_it_runs(bench, tmp_path):
+    """A bench that found out only when it wrote its results would lose hours of measurements."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    out = a_file / "results" / "out.json"
+    parent = out if bench == "learning.py" else out.parent  # learning.py's --out is a directory, the others' a file
+    proc = run_main(f"bench/{bench}", ["--out", str(out)], cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: output directory '{parent}' is not writable (checked '{a_file}': Not a directory)"]
 
 
 def test_an_unusable_earlier_json_is_refused_in_one_line(learning, tmp_path):
