@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import zipfile
 from typing import Any, Callable, NamedTuple, Optional
@@ -746,6 +747,15 @@ def load_expert_fn(spec: str) -> ExpertFn:
     fn = getattr(module, name, None)
     if not callable(fn):
         raise UsageError(f"--expert-fn: '{source}' has no function '{name}'")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins publish none; their first call will tell
+        return fn
+    try:
+        signature.bind(None)
+    except TypeError:
+        raise UsageError(f"--expert-fn: {spec} must take one argument, the observation; "
+                         f"its signature is {name}{signature}") from None
     return fn
 
 

@@ -177,6 +177,19 @@ def test_custom_expert_from_file_reaches_the_env(tmp_path):
     wrapped.close()
     with pytest.raises(util.UsageError, match="has no function 'drop'"):
         experts.load_expert_fn(f"{source}:drop")
+    # the wrapper calls an expert with the observation alone; keyword-only extras with defaults are fine
+    source.write_text(textwrap.dedent("""
+        def two(obs, gain):
+            return obs
+
+        def tuned(obs, *, gain=1.0):
+            return obs
+    """))
+    with pytest.raises(util.UsageError) as refused:
+        experts.load_expert_fn(f"{source}:two")
+    assert str(refused.value) == (f"--expert-fn: {source}:two must take one argument, the observation; "
+                                  f"its signature is two(obs, gain)")
+    assert experts.load_expert_fn(f"{source}:tuned").__name__ == "tuned"
 
 
 def test_calibration_error_displaces_the_target_by_the_flags():
