@@ -319,6 +319,7 @@ def check_args(args: Args) -> None:
     experts.check_expert_args(args.expert_type, args.env_id, args.control_mode, args.model_path, args.expert_fn,
                               args.fusion)
     util.check_flags(
+        ("--seed", args.seed, "in [0, 2147483647]"),  # numpy's seeds stop at 2**32 - 1; eval envs add 1,000,000
         ("--learning-rate", args.learning_rate, "> 0"),
         ("--gamma", args.gamma, "in (0, 1]"),
         ("--gae-lambda", args.gae_lambda, "in [0, 1]"),

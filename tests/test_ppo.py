@@ -191,6 +191,7 @@ BAD_NUMBERS = [
     (["--update-epochs", "0"], "--update-epochs must be >= 1, got 0"),
     (["--residual-warmup-steps", "-5"], "--residual-warmup-steps must be >= 0, got -5"),
     (["--critic-warmup-iters", "-1"], "--critic-warmup-iters must be >= 0, got -1"),
+    (["--seed", "-1"], "--seed must be in [0, 2147483647], got -1"),
     (["--reward-mode", "shaped"], "--reward-mode for PickCube-v1 must be one of normalized_dense, dense, sparse, none, "
                                   "not 'shaped'"),
     (["--env-id", "PlugCharger-v1", "--reward-mode", "dense"],
