@@ -106,6 +106,12 @@ def overhead(args: Args) -> dict:
 
 def main():
     args = tyro.cli(Args)
+    util.check_flags(("--episodes", args.episodes, ">= 1"), ("--num-envs", args.num_envs, ">= 1"),
+                     ("--ik-gain", args.ik_gain, "> 0"), ("--sps-steps", args.sps_steps, ">= 1"))
+    for task in args.tasks:  # a task without a plan would fail in an env worker, after the tasks before it ran
+        util.check_env_id(task)
+        for mode in args.control_modes or experts.ik_control_modes(task):
+            experts.check_expert_args("ik", task, mode, model_path=None, expert_fn=None)
     util.check_writable(os.path.dirname(os.path.abspath(args.out)))  # before the bench, not after it
     torch.set_num_threads(1)
     results = dict(episodes=args.episodes, ik_gain=args.ik_gain, num_envs=args.num_envs)

@@ -461,6 +461,9 @@ def main():
         raise util.UsageError(f"--eval-freq must be at least 1 iteration, got {args.eval_freq}")
     if args.final_episodes < 0:
         raise util.UsageError(f"--final-episodes must be >= 0 (0: no final evaluation), got {args.final_episodes}")
+    util.check_flags(("--total-timesteps", args.total_timesteps, ">= 1"), ("--num-envs", args.num_envs, ">= 1"),
+                     ("--num-eval-envs", args.num_eval_envs, ">= 1"),
+                     ("--expert-episodes", args.expert_episodes, ">= 1"))
     task = TASKS[args.task]
     args.out = os.path.abspath(args.out or os.path.join(
         ROOT, "bench/out/learning" if args.task == "PickCube-v1" else f"bench/out/learning-{args.task}"))

@@ -215,6 +215,10 @@ def main():
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         raise util.UsageError(f"unknown sections {sorted(unknown)}; valid: {', '.join(SECTIONS)}")
+    util.check_env_id(args.env_id)
+    util.check_flags(*((f"--{name.replace('_', '-')}", getattr(args, name), ">= 1")
+                       for name in ("num_envs", "steps", "train_timesteps", "train_repeats", "rgb_num_envs",
+                                    "rgb_steps", "rgb_train_timesteps")))
     util.check_writable(os.path.dirname(os.path.abspath(args.out)))  # before the bench, not after it
     results = dict(cores=os.cpu_count(), num_envs=args.num_envs, env_id=args.env_id)
     if "env" in args.sections:

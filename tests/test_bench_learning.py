@@ -197,6 +197,30 @@ def test_every_bench_refuses_an_output_path_it_cannot_write_before_it_runs(bench
         f"error: output directory '{parent}' is not writable (checked '{a_file}': Not a directory)"]
 
 
+BENCH_BAD_INPUT = [
+    ("experts.py", ["--tasks", "TurnFaucet-v1"], "the IK expert has no plan for TurnFaucet-v1; supported: PickCube-v1, "
+     "StackCube-v1, PushCube-v1, PullCube-v1, PegInsertionSide-v1, LiftPegUpright-v1, PokeCube-v1, PlugCharger-v1"),
+    ("experts.py", ["--tasks", "PickCube-v1", "--control-modes", "pd_ee_pose"], "the IK expert cannot act on "
+     "PickCube-v1 in control mode pd_ee_pose; supported: pd_ee_delta_pos, pd_ee_delta_pose, pd_joint_delta_pos"),
+    ("experts.py", ["--episodes", "0"], "--episodes must be >= 1, got 0"),
+    ("throughput.py", ["--steps", "-1"], "--steps must be >= 1, got -1"),
+    ("throughput.py", ["--env-id", "CartPole-v1"], "env id 'CartPole-v1' is not a ManiSkill task: did you mean "
+     "MS-CartpoleSwingUp-v1, MS-CartpoleBalance-v1, PlugCharger-v1?"),
+    ("learning.py", ["--total-timesteps", "-5"], "--total-timesteps must be >= 1, got -5"),
+    ("learning.py", ["--num-eval-envs", "0"], "--num-eval-envs must be >= 1, got 0"),
+    ("outcome_sensitivity.py", ["--residual-scale", "nan"], "--residual-scale must be >= 0, got nan"),
+]
+
+
+@pytest.mark.parametrize("bench, extra, message", BENCH_BAD_INPUT)
+def test_benches_refuse_bad_input_in_one_line_before_they_run(bench, extra, message, tmp_path):
+    out = tmp_path / "out" / "out.json"
+    proc = run_main(f"bench/{bench}", [*extra, "--out", str(out)], cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [f"error: {message}"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_unusable_earlier_json_is_refused_in_one_line(learning, tmp_path):
     out = tmp_path / "out"
     proc = run_main("bench/learning.py", ["--task", "PegInsertionSide-v1", "--no-train", "--reuse-from",
