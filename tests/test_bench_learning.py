@@ -143,7 +143,7 @@ def test_the_outcome_sensitivity_bench_replays_the_same_episodes_and_applies_its
 
 
 @pytest.mark.parametrize("name", ["learning-PegInsertionSide-v1", "learning-PegInsertionSide-v1-eval128",
-                                  "adaptive-PegInsertionSide-v1"])
+                                  "learning-PegInsertionSide-v1-eval128-half-scale", "adaptive-PegInsertionSide-v1"])
 def test_a_fresh_clone_reports_the_committed_runs_again_from_their_json(name, tmp_path):
     """The committed outputs were written from the bench's own records; an --out without them (a fresh clone),
     given the committed learning.json, must write the same CSV and reach the same targets, without
