@@ -457,13 +457,10 @@ def main():
     args = tyro.cli(Args)
     if args.task not in TASKS:
         raise util.UsageError(f"unknown --task '{args.task}'; valid: {', '.join(TASKS)}")
-    if args.eval_freq is not None and args.eval_freq < 1:
-        raise util.UsageError(f"--eval-freq must be at least 1 iteration, got {args.eval_freq}")
-    if args.final_episodes < 0:
-        raise util.UsageError(f"--final-episodes must be >= 0 (0: no final evaluation), got {args.final_episodes}")
     util.check_flags(("--total-timesteps", args.total_timesteps, ">= 1"), ("--num-envs", args.num_envs, ">= 1"),
-                     ("--num-eval-envs", args.num_eval_envs, ">= 1"),
-                     ("--expert-episodes", args.expert_episodes, ">= 1"))
+                     ("--num-eval-envs", args.num_eval_envs, ">= 1"), ("--eval-freq", args.eval_freq, ">= 1"),
+                     ("--expert-episodes", args.expert_episodes, ">= 1"),
+                     ("--final-episodes", args.final_episodes, ">= 0"))
     task = TASKS[args.task]
     args.out = os.path.abspath(args.out or os.path.join(
         ROOT, "bench/out/learning" if args.task == "PickCube-v1" else f"bench/out/learning-{args.task}"))

@@ -74,10 +74,9 @@ def main() -> None:
     args = tyro.cli(Args)
     if 0.0 not in args.residuals:
         raise util.UsageError("--residuals must include 0, the expert alone every other size is paired with")
-    if any(not -1.0 <= r <= 1.0 for r in args.residuals) or args.evals < 1 or args.num_eval_envs < 1:
-        raise util.UsageError("--residuals must lie in [-1, 1], and --evals and --num-eval-envs be at least 1")
+    util.check_flags(*(("--residuals", r, "in [-1, 1]") for r in args.residuals), ("--evals", args.evals, ">= 1"),
+                     ("--num-eval-envs", args.num_eval_envs, ">= 1"), ("--residual-scale", args.residual_scale, ">= 0"))
     util.check_env_id(args.task)
-    util.check_flags(("--residual-scale", args.residual_scale, ">= 0"))
     util.check_writable(os.path.dirname(os.path.abspath(args.out)))  # before the replays, not after them
     settings = dict(task=args.task, control_mode=args.control_mode, seed=args.seed,
                     num_eval_envs=args.num_eval_envs, evals=args.evals, residual_scale=args.residual_scale)

@@ -88,13 +88,6 @@ def test_a_run_stopped_by_a_signal_is_not_taken_as_finished(learning, tmp_path):
         learning.check_finished(1, str(tmp_path), "ik_s1", "ik_s1.log")
 
 
-def test_a_negative_final_episode_count_is_refused_in_one_line(tmp_path):
-    proc = run_main("bench/learning.py", ["--final-episodes", "-5", "--out", str(tmp_path)], cwd=ROOT)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: --final-episodes must be >= 0 (0: no final evaluation), got -5"]
-    assert not os.path.exists(tmp_path / "logs")  # refused before anything is written
-
-
 def test_the_expert_alone_is_measured_on_the_episodes_of_each_eval_of_a_run(learning, tmp_path):
     """With its residual scaled to nothing a run executes its expert alone, so each of its evals is the expert's
     on that eval's episodes. Rebuilding the run's eval envs for its seed, the bench must find every eval's
@@ -208,6 +201,11 @@ BENCH_BAD_INPUT = [
      "MS-CartpoleSwingUp-v1, MS-CartpoleBalance-v1, PlugCharger-v1?"),
     ("learning.py", ["--total-timesteps", "-5"], "--total-timesteps must be >= 1, got -5"),
     ("learning.py", ["--num-eval-envs", "0"], "--num-eval-envs must be >= 1, got 0"),
+    ("learning.py", ["--eval-freq", "0"], "--eval-freq must be >= 1, got 0"),
+    ("learning.py", ["--final-episodes", "-5"], "--final-episodes must be >= 0, got -5"),
+    ("outcome_sensitivity.py", ["--residuals", "0", "1.5"], "--residuals must be in [-1, 1], got 1.5"),
+    ("outcome_sensitivity.py", ["--residuals", "0.5"], "--residuals must include 0, the expert alone every "
+     "other size is paired with"),
     ("outcome_sensitivity.py", ["--residual-scale", "nan"], "--residual-scale must be >= 0, got nan"),
 ]
 
