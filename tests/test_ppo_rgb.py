@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import util
-from conftest import run_main
+from conftest import SMALL_CAMERA, run_main, tiny_run
 
 
 
@@ -69,3 +69,15 @@ def test_state_script_refuses_an_image_checkpoint(trained_rgb, tmp_path):
                             "acts from camera images")]:
         proc = run_main("ppo.py", [*flags, "--output-dir", str(tmp_path / "x")], cwd=tmp_path)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_no_include_state_and_no_save_model_reach_the_run(tmp_path):
+    """--no-include-state leaves the policy's state with the IK expert's action alone (4 in pd_ee_delta_pos), which
+    the buffer's size shows; --no-save-model writes no checkpoint, the run's other outputs still."""
+    run_dir, proc = tiny_run("ppo_rgb.py", tmp_path, "--expert-type", "ik", "--no-include-state", "--no-save-model",
+                             "--no-capture-video", *SMALL_CAMERA)
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert summary["buffer_bytes_per_env_step"] == 36 * 36 * 3 + 4 * (4 + 4 + 6)
+    assert summary["global_step"] == 32 and "eval @ 32 steps: success_once=" in proc.stdout
+    assert not glob.glob(os.path.join(run_dir, "**", "*.pt"), recursive=True)
+    assert glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
