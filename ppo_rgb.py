@@ -355,10 +355,14 @@ def check_args(args: Args) -> None:
     except ValueError as err:
         raise util.UsageError(str(err)) from None
     util.check_checkpoint_flags(args.checkpoint, args.evaluate, args.resume)
+    util.check_track(args.track)
     batch_size = args.num_envs * args.num_steps
     if batch_size % args.num_minibatches:
         raise util.UsageError(f"--num-minibatches {args.num_minibatches} does not divide the batch of "
                               f"{batch_size} (= num_envs {args.num_envs} x num_steps {args.num_steps})")
+    if args.norm_adv and batch_size == args.num_minibatches:  # one sample's advantage has no std to divide by
+        raise util.UsageError(f"--num-minibatches {args.num_minibatches} leaves one sample per minibatch, whose "
+                              f"advantage cannot be normalised; use fewer minibatches, or --no-norm-adv")
     if not args.evaluate and args.total_timesteps < batch_size:
         raise util.UsageError(f"--total-timesteps {args.total_timesteps} is less than one batch of {batch_size} "
                               f"(num_envs x num_steps)")

@@ -3,6 +3,7 @@ rollout policy step."""
 
 import glob
 import importlib
+import importlib.util
 import json
 import os
 
@@ -217,6 +218,12 @@ BAD_CHOICES = [
     # loading weights into a new run would start it from a trained residual that its first eval calls the expert alone
     (["--checkpoint", "policy.pt"], "--checkpoint is read only with --evaluate or --resume; to build on a trained "
                                     "policy, make it the expert: --expert-type model --model-path policy.pt"),
+    # TINY's batch is 2 envs x 8 steps
+    (["--num-minibatches", "16"], "--num-minibatches 16 leaves one sample per minibatch, whose advantage cannot be "
+                                  "normalised; use fewer minibatches, or --no-norm-adv"),
+    # requirements.txt leaves wandb out; where a user installed it, --track is valid
+    *([(["--track"], "--track needs wandb, which is not installed (pip install wandb)")]
+      if importlib.util.find_spec("wandb") is None else []),
 ]
 
 

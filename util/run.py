@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import glob
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -128,6 +129,12 @@ def _obeys(value: float, rule: str) -> bool:
         return (low < value if rule[3] == "(" else low <= value) and (value < high if rule[-1] == ")" else value <= high)
     op, bound = rule.split()
     return value > float(bound) if op == ">" else value >= float(bound)
+
+
+def check_track(track: bool) -> None:
+    """--track logs to Weights & Biases, which requirements.txt leaves out: refuse it before a run starts."""
+    if track and importlib.util.find_spec("wandb") is None:
+        raise UsageError("--track needs wandb, which is not installed (pip install wandb)")
 
 
 def check_writable(directory: str) -> None:
