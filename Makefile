@@ -12,7 +12,10 @@ STAMP := $(VENV)/.requirements-installed
 TRAIN_ARGS ?= --env-id PickCube-v1 --expert-type ik --ik-gain 0.28 --residual-scale 0.5 --init-logstd -2 \
 	--critic-warmup-iters 2 --residual-warmup-steps 50000 --num-minibatches 4 --num-eval-envs 32
 TRAIN_GPU_ARGS ?= --sim-backend gpu --num-envs 1024 --num-steps 50 --eval-freq 10 --total-timesteps 3000000
-TRAIN_CPU_ARGS ?= --sim-backend cpu --num-envs 8 --num-steps 200 --eval-freq 6 --total-timesteps 300000 --no-capture-video
+TRAIN_CPU_ARGS ?= --sim-backend cpu --num-envs 8 --num-steps 200 --eval-freq 6 --total-timesteps 300000
+# eval videos, on by default in every script, are off for the CPU run: rendering 32 eval envs at every eval is
+# slow there; `make train CPU_VIDEO=` records them
+CPU_VIDEO ?= --no-capture-video
 
 .PHONY: setup train test bench bench-learning gpu-check clean
 
@@ -31,7 +34,7 @@ train: setup
 	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		$(PY) ppo.py $(TRAIN_ARGS) $(TRAIN_GPU_ARGS); \
 	else \
-		$(PY) ppo.py $(TRAIN_ARGS) $(TRAIN_CPU_ARGS); \
+		$(PY) ppo.py $(TRAIN_ARGS) $(TRAIN_CPU_ARGS) $(CPU_VIDEO); \
 	fi
 
 # Tests run in TEST_WORKERS processes (pytest-xdist): a test mostly drives one simulator process at a time, so
