@@ -200,21 +200,22 @@ def expert_on_eval_episodes(config: str, seed: int, evals: int, task: dict, args
     return metrics
 
 
-LONGEST_GAP = 900.0  # seconds between two logged events beyond which a run counts as paused or stopped; more
-# than an eval of 128 PegInsertionSide episodes takes on two busy cores
+LONGEST_GAP = 900.0  # seconds between two logged events beyond which a run counts as paused (a suspended
+# machine); an eval of 128 PegInsertionSide episodes on two busy cores takes less
 
 
-def read_events(run_dir: str) -> tuple[list[tuple[int, float]], float]:
+def read_events(run_dir: str, launches: tuple = ()) -> tuple[list[tuple[int, float]], float]:
     """A run's eval curve (step, success_once), and the seconds it spent running: the gaps between its
-    consecutive logged events, leaving out those over LONGEST_GAP (a paused run, or a stopped one that was
-    resumed; the steps a stopped run made after its last checkpoint are dropped from the log, and their time
-    with them)."""
+    consecutive logged events, leaving out those over LONGEST_GAP and, however short, those that span one of
+    its ``launches`` (wall-clock times it was started or resumed at: the gap holds a stop and a restart; the
+    steps a stopped run made after its last checkpoint are dropped from the log, and their time with them)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     events.Reload()
     times = sorted(e.wall_time for tag in events.Tags()["scalars"] for e in events.Scalars(tag))
-    running = sum(gap for gap in (b - a for a, b in zip(times, times[1:])) if gap <= LONGEST_GAP)
+    running = sum(b - a for a, b in zip(times, times[1:])
+                  if b - a <= LONGEST_GAP and not any(a < launch <= b for launch in launches))
     return [(int(e.step), float(e.value)) for e in events.Scalars("eval/success_once")], running
 
 
@@ -286,27 +287,27 @@ def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
     # A run that an earlier invocation started with this command and did not finish (a session that ended, a
     # machine that went down) goes on from its newest checkpoint, in its own directory.
     started_path = os.path.join(args.out, "logs", f"{exp_name}.started.json")
-    resume_from = None
+    resume_from, launches = None, []
     if not args.rerun and os.path.isfile(started_path):
         with open(started_path) as f:
             started = json.load(f)
         latest = os.path.join(started["run_dir"], "latest.pt")
         if started["command"] == shlex.join(command[1:]) and os.path.isfile(latest):
-            resume_from = latest
+            resume_from, launches = latest, started.get("launches", [])
     runs_before = set(os.listdir(runs)) if os.path.isdir(runs) else set()
     launch = command + (["--resume", "--checkpoint", resume_from] if resume_from else [])
     print(f"[{time.strftime('%H:%M:%S')}] {config} seed {seed}: {shlex.join(launch[1:])}", flush=True)
     start = time.time()
+    launches.append(start)
     with open(log_path, "a" if resume_from else "w") as log:
         proc = _start_ppo(launch[1:], log)
-        if not resume_from:
-            run_dir = _new_run_dir(runs, runs_before, f"{args.task}__{exp_name}__", proc)
-            util.save_json(started_path, dict(command=shlex.join(command[1:]), run_dir=run_dir))
+        run_dir = (os.path.dirname(resume_from) if resume_from
+                   else _new_run_dir(runs, runs_before, f"{args.task}__{exp_name}__", proc))
+        util.save_json(started_path, dict(command=shlex.join(command[1:]), run_dir=run_dir, launches=launches))
         proc.wait()
     seconds = time.time() - start
-    run_dir = os.path.dirname(resume_from) if resume_from else run_dir
     check_finished(proc.returncode, run_dir, exp_name, log_path)
-    curve, running = read_events(run_dir)
+    curve, running = read_events(run_dir, launches)
     print(f"  {running / 60:.1f} min running, eval success_once: " + " ".join(f"{v:.2f}" for _, v in curve), flush=True)
     record = dict(config=config, seed=seed, command=shlex.join(command[1:]), run_dir=run_dir, seconds=seconds,
                   running_seconds=running, steps=[s for s, _ in curve], success_once=[v for _, v in curve])

@@ -48,6 +48,24 @@ def test_a_paused_and_resumed_run_counts_only_its_running_time(learning, tmp_pat
     assert running == pytest.approx(430.0)
 
 
+def test_a_stop_and_restart_shorter_than_the_longest_gap_is_not_running_time(learning, tmp_path):
+    """Started at 990 s, a run logs to 1110 s and is stopped; resumed at 1300 s from its checkpoint at step 300, it
+    logs at 1400 s and 1450 s. The 290 s gap spans the restart, so only 10 + 100 + 50 s ran; without the launch
+    times it would count as running, being under LONGEST_GAP."""
+    first = SummaryWriter(str(tmp_path), filename_suffix=".a")
+    first.add_scalar("eval/success_once", 0.25, 0, walltime=1000.0)
+    first.add_scalar("train/return", 1.0, 100, walltime=1010.0)
+    first.add_scalar("eval/success_once", 0.4, 200, walltime=1110.0)
+    first.close()
+    resumed = SummaryWriter(str(tmp_path), purge_step=300, filename_suffix=".b")
+    resumed.add_scalar("train/return", 2.0, 300, walltime=1400.0)
+    resumed.add_scalar("eval/success_once", 0.6, 400, walltime=1450.0)
+    resumed.close()
+
+    assert learning.read_events(str(tmp_path), launches=(990.0, 1300.0))[1] == pytest.approx(160.0)
+    assert learning.read_events(str(tmp_path))[1] == pytest.approx(450.0)
+
+
 def test_a_final_evaluation_is_made_once_and_never_while_only_reporting(learning, tmp_path):
     """A recorded final evaluation at the requested episode count is reused as it stands; under --no-train a
     run without one gets none (None), and nothing is started: its run directory does not even exist."""
