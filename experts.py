@@ -771,7 +771,7 @@ def expert_types(expert_type: str) -> list[str]:
 def default_control_mode(expert_type: str, env_id: str) -> str:
     """The control mode a run uses when --control-mode is not given: the IK expert's for the task if the list has
     it, else ManiSkill's default."""
-    if "ik" in expert_type.replace(" ", "").split(","):
+    if "ik" in expert_types(expert_type):
         return ik_control_modes(env_id)[0]
     return "pd_joint_delta_pos"
 
