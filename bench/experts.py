@@ -8,7 +8,6 @@ wrapped-env SPS with the IK expert against the zero expert on PickCube-v1 (wall 
 Prints a table and writes JSON to --out (keys like "PickCube-v1/pd_ee_delta_pos/success_once").
 """
 
-import json
 import os
 import sys
 import time
@@ -134,9 +133,7 @@ def main():
 
 
 def write(results: dict, args: Args) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    util.save_json(args.out, results)
     print(f"wrote {args.out}")
 
 

@@ -212,18 +212,19 @@ def print_table(rows: list[dict]) -> None:
 
 def main():
     args = tyro.cli(Args)
+    unmatched = [p for p in args.rows if not any(fnmatch.fnmatchcase(row.name, p) for row in ROWS)]
+    if unmatched:
+        raise util.UsageError(f"--rows {' '.join(unmatched)} match no row; rows: {' '.join(r.name for r in ROWS)}")
+    util.check_flags(("--iterations", args.iterations, ">= 1"), ("--num-eval-envs", args.num_eval_envs, ">= 1"),
+                     ("--num-eval-steps", args.num_eval_steps, ">= 1"), ("--run-timeout", args.run_timeout, "> 0"),
+                     ("--test-timeout", args.test_timeout, "> 0"), ("--budget", args.budget, "> 0"))
+    util.check_writable(os.path.dirname(os.path.abspath(args.out)))
     with warnings.catch_warnings():  # a broken driver warns here; the line below says what matters
         warnings.simplefilter("ignore")
         cuda = torch.cuda.is_available()
     if not cuda:
         raise util.UsageError("bench/gpu.py needs a CUDA GPU and none is visible (torch.cuda.is_available() is "
                               "False); nothing was run")
-    unmatched = [p for p in args.rows if not any(fnmatch.fnmatchcase(row.name, p) for row in ROWS)]
-    if unmatched:
-        raise util.UsageError(f"--rows {' '.join(unmatched)} match no row; rows: {' '.join(r.name for r in ROWS)}")
-    if args.iterations < 1 or args.num_eval_envs < 1 or args.num_eval_steps < 1:
-        raise util.UsageError("--iterations, --num-eval-envs and --num-eval-steps must be >= 1")
-    util.check_writable(os.path.dirname(os.path.abspath(args.out)))
     rows = [row for row in ROWS if any(fnmatch.fnmatchcase(row.name, p) for p in args.rows)]
     deadline = time.monotonic() + args.budget
     logs = os.path.join(os.path.dirname(os.path.abspath(args.out)), "gpu_logs")
@@ -237,9 +238,8 @@ def main():
         gpu = None
     results = dict(gpu=torch.cuda.get_device_name(0), **util.versions(), args=vars(args), tests=None, rows=[])
 
-    def write():
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    def write():  # after every row, atomically, so that an interrupted check keeps the rows it finished
+        util.save_json(args.out, results)
 
     if args.tests:
         results["tests"] = run_tests(max(1.0, min(args.test_timeout, deadline - time.monotonic())), logs)

@@ -295,9 +295,7 @@ def main():
         if all(k in r for k in keys):
             print(f"{name:<56}{ratio():>8.2f}  {'yes' if ratio() >= need else 'NO'}")
             results["targets"][name] = dict(ratio=ratio(), met=ratio() >= need)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    util.save_json(args.out, results)
     print(f"\nwrote {args.out}")
 
 

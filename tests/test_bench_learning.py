@@ -1,11 +1,12 @@
 """bench/learning.py: reading a run's event log (its eval curve, and the time it spent running), when it
 evaluates a final checkpoint, and the expert alone on the episodes of a run's evals; bench/outcome_sensitivity.py's
-replay of those episodes."""
+replay of those episodes; every bench's refusal of bad input."""
 
 import json
 import os
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
@@ -195,7 +196,7 @@ def test_a_recorded_run_is_reused_only_for_the_same_training(learning):
     assert not learning._same_training(recorded, "ppo.py --seed 1 --output-dir /elsewhere/runs --gamma 0.8")
 
 
-@pytest.mark.parametrize("bench", ["learning.py", "experts.py", "throughput.py", "outcome_sensitivity.py"])
+@pytest.mark.parametrize("bench", ["learning.py", "experts.py", "throughput.py", "outcome_sensitivity.py", "gpu.py"])
 def test_every_bench_refuses_an_output_path_it_cannot_write_before_it_runs(bench, tmp_path):
     """A bench that found out only when it wrote its results would lose hours of measurements."""
     a_file = tmp_path / "a_file"
@@ -206,6 +207,10 @@ def test_every_bench_refuses_an_output_path_it_cannot_write_before_it_runs(bench
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
         f"error: output directory '{parent}' is not writable (checked '{a_file}': Not a directory)"]
+
+
+def gpu_rows():
+    return load_bench("gpu").ROWS
 
 
 BENCH_BAD_INPUT = [
@@ -225,7 +230,19 @@ BENCH_BAD_INPUT = [
     ("outcome_sensitivity.py", ["--residuals", "0.5"], "--residuals must include 0, the expert alone every "
      "other size is paired with"),
     ("outcome_sensitivity.py", ["--residual-scale", "nan"], "--residual-scale must be >= 0, got nan"),
+    ("gpu.py", ["--iterations", "0"], "--iterations must be >= 1, got 0"),
+    ("gpu.py", ["--budget", "nan"], "--budget must be > 0, got nan"),
+    ("gpu.py", ["--rows", "ppo-*", "tpu*"], "--rows tpu* match no row; rows: " + " ".join(r.name for r in gpu_rows())),
 ]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without CUDA")
+def test_the_gpu_check_refuses_a_machine_without_cuda_in_one_line(tmp_path):
+    proc = run_main("bench/gpu.py", ["--out", str(tmp_path / "out" / "gpu.json")], cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: bench/gpu.py needs a CUDA GPU and none is visible "
+                                                "(torch.cuda.is_available() is False); nothing was run"]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("bench, extra, message", BENCH_BAD_INPUT)
