@@ -26,6 +26,7 @@ were measured, and writes JSON to --out.
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,7 @@ import torch
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ppo  # noqa: E402
 import util  # noqa: E402
 from experts import ZeroExpert  # noqa: E402
 
@@ -139,14 +141,18 @@ def train_sps(args: Args, script: str = "ppo.py", num_envs: int = 0, timesteps: 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] \
         if ranks > 1 else [sys.executable]
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as cache:
-        cmd = [*launcher, script, "--sim-backend", "cpu", "--env-id", args.env_id, "--num-envs",
+        cmd = [*launcher, script, "--sim-backend", "cpu", "--env-id", args.env_id, "--control-mode", args.control_mode,
+               "--num-envs",
                str((num_envs or args.num_envs) // ranks), "--total-timesteps", str(timesteps or args.train_timesteps),
                "--eval-freq", "100000", "--no-capture-video", "--no-save-model", "--num-eval-envs", "1",
                "--no-cuda", "--output-dir", out, *extra]
         # an empty inductor cache per run: compile_seconds is what a first run pays
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache),
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache),
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if proc.returncode:
+            raise util.FatalError(f"{shlex.join(cmd[len(launcher):])} failed (exit code {proc.returncode})",
+                                  details=proc.stderr)
         (run,) = os.listdir(out)
         summary = json.load(open(os.path.join(out, run, "summary.json")))
         return summary["train_sps"], summary
@@ -163,8 +169,6 @@ def state_policy_dims(args: Args) -> tuple[int, int]:
 
 def all_reduce_bytes_per_step(args: Args) -> int:
     """Bytes each rank all-reduces per gradient step of ppo.py: its parameter count x 4 (float32 gradients)."""
-    import ppo
-
     agent = ppo.Agent(*state_policy_dims(args))
     return 4 * sum(p.numel() for p in agent.parameters())
 
@@ -220,6 +224,14 @@ def main():
                        for name in ("num_envs", "steps", "train_timesteps", "train_repeats", "rgb_num_envs",
                                     "rgb_steps", "rgb_train_timesteps")))
     util.check_writable(os.path.dirname(os.path.abspath(args.out)))  # before the bench, not after it
+    steps = ppo.Args.num_steps  # the training runs' --num-steps: the scripts' default
+    if "train" in args.sections and (args.num_envs % 2 or args.train_timesteps < args.num_envs * steps):
+        raise util.UsageError(f"the training runs need an even --num-envs (two ranks share them) and --train-timesteps "
+                              f">= one batch of --num-envs x {steps}; got {args.num_envs} and {args.train_timesteps}")
+    if "rgb" in args.sections and args.rgb_train_timesteps < args.rgb_num_envs * steps:
+        raise util.UsageError(f"--rgb-train-timesteps must be >= one batch of --rgb-num-envs x {steps}; got "
+                              f"{args.rgb_train_timesteps}")
+    state_policy_dims(args)  # builds one env: a control mode the task lacks is refused here, in one line
     results = dict(cores=os.cpu_count(), num_envs=args.num_envs, env_id=args.env_id)
     if "env" in args.sections:
         results["single_env_sps"] = single_env_sps(args)

@@ -220,6 +220,16 @@ BENCH_BAD_INPUT = [
      "PickCube-v1 in control mode pd_ee_pose; supported: pd_ee_delta_pos, pd_ee_delta_pose, pd_joint_delta_pos"),
     ("experts.py", ["--episodes", "0"], "--episodes must be >= 1, got 0"),
     ("throughput.py", ["--steps", "-1"], "--steps must be >= 1, got -1"),
+    ("throughput.py", ["--sections", "train", "--num-envs", "3"], "the training runs need an even --num-envs (two "
+     "ranks share them) and --train-timesteps >= one batch of --num-envs x 50; got 3 and 24000"),
+    ("throughput.py", ["--sections", "train", "--train-timesteps", "100"], "the training runs need an even --num-envs "
+     "(two ranks share them) and --train-timesteps >= one batch of --num-envs x 50; got 8 and 100"),
+    ("throughput.py", ["--sections", "rgb", "--rgb-train-timesteps", "100"], "--rgb-train-timesteps must be >= one "
+     "batch of --rgb-num-envs x 50; got 100"),
+    ("throughput.py", ["--control-mode", "pd_foo"], "cannot create PickCube-v1: pd_foo not in supported modes: "
+     "['pd_joint_delta_pos', 'pd_joint_pos', 'pd_ee_delta_pos', 'pd_ee_delta_pose', 'pd_ee_pose', "
+     "'pd_joint_target_delta_pos', 'pd_ee_target_delta_pos', 'pd_ee_target_delta_pose', 'pd_joint_vel', "
+     "'pd_joint_pos_vel', 'pd_joint_delta_pos_vel']"),
     ("throughput.py", ["--env-id", "CartPole-v1"], "env id 'CartPole-v1' is not a ManiSkill task: did you mean "
      "MS-CartpoleSwingUp-v1, MS-CartpoleBalance-v1, PlugCharger-v1?"),
     ("learning.py", ["--total-timesteps", "-5"], "--total-timesteps must be >= 1, got -5"),
