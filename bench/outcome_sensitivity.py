@@ -77,15 +77,20 @@ def main() -> None:
     util.check_flags(*(("--residuals", r, "in [-1, 1]") for r in args.residuals), ("--evals", args.evals, ">= 1"),
                      ("--num-eval-envs", args.num_eval_envs, ">= 1"), ("--residual-scale", args.residual_scale, ">= 0"))
     util.check_env_id(args.task)
+    experts.check_expert_args("ik", args.task, args.control_mode, model_path=None, expert_fn=None)
     util.check_writable(os.path.dirname(os.path.abspath(args.out)))  # before the replays, not after them
     settings = dict(task=args.task, control_mode=args.control_mode, seed=args.seed,
                     num_eval_envs=args.num_eval_envs, evals=args.evals, residual_scale=args.residual_scale)
     recorded = {}
-    if os.path.isfile(args.out):
-        with open(args.out) as f:
-            earlier = json.load(f)
-        if earlier["settings"] == settings:
-            recorded = earlier["replays"]
+    if os.path.isfile(args.out):  # the replays an earlier invocation recorded with the same settings are kept
+        try:
+            with open(args.out) as f:
+                earlier = json.load(f)
+            same = earlier["settings"] == settings
+            recorded = dict(earlier["replays"]) if same else {}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise util.UsageError(f"--out {args.out} exists and is not this bench's JSON ({util.first_line(err)}); "
+                                  f"give another path, or remove it") from None
     for residual in args.residuals:
         if str(residual) not in recorded:
             start = time.time()

@@ -240,10 +240,24 @@ BENCH_BAD_INPUT = [
     ("outcome_sensitivity.py", ["--residuals", "0.5"], "--residuals must include 0, the expert alone every "
      "other size is paired with"),
     ("outcome_sensitivity.py", ["--residual-scale", "nan"], "--residual-scale must be >= 0, got nan"),
+    ("outcome_sensitivity.py", ["--task", "LiftPegUpright-v1", "--control-mode", "pd_joint_delta_pos"],
+     "the IK expert cannot act on LiftPegUpright-v1 in control mode pd_joint_delta_pos; supported: pd_ee_delta_pose"),
     ("gpu.py", ["--iterations", "0"], "--iterations must be >= 1, got 0"),
     ("gpu.py", ["--budget", "nan"], "--budget must be > 0, got nan"),
     ("gpu.py", ["--rows", "ppo-*", "tpu*"], "--rows tpu* match no row; rows: " + " ".join(r.name for r in gpu_rows())),
 ]
+
+
+def test_the_outcome_sensitivity_bench_refuses_an_out_file_that_is_not_its_json(tmp_path):
+    for text in ("not json", "[1, 2]", '{"replays": {}}'):
+        out = tmp_path / "results.json"
+        out.write_text(text)
+        proc = run_main("bench/outcome_sensitivity.py", ["--out", str(out)], cwd=ROOT)
+        assert proc.returncode == 2, (text, proc.stderr[-2000:])
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith(f"error: --out {out} exists and is not this bench's JSON (") and line.endswith(
+            "); give another path, or remove it"), line
+        assert out.read_text() == text  # left as it was
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without CUDA")
