@@ -122,16 +122,27 @@ def nan_expert(obs):
 
 def test_bad_expert_output_is_reported_on_first_call(native_env):
     """Named, with what it returned, before the env executes anything."""
-    want = r"must return a float32 tensor of shape \(1, 8\) on cpu; it returned "
-    for expert, got in [(lambda obs: torch.zeros(1, 3), r"a torch.float32 tensor of shape \(1, 3\)"),
-                        (lambda obs: torch.zeros(1, 8, dtype=torch.float64), "a torch.float64 tensor"),
-                        (lambda obs: [0.0] * 8, "list"),
-                        (nan_expert, r"non-finite values \(nan or inf\): \[\[nan, ")]:
+    want = r"must return a float32 tensor of shape \(1, 8\) on cpu, or \(that action, confidence\); it returned "
+    want_confidence = r"'s confidence must be a float tensor of shape \(1,\) on cpu, in \[0, 1\]; it returned "
+    zeros = torch.zeros(1, 8)
+    for expert, got in [(lambda obs: torch.zeros(1, 3), want + r"a torch.float32 tensor of shape \(1, 3\)"),
+                        (lambda obs: torch.zeros(1, 8, dtype=torch.float64), want + "a torch.float64 tensor"),
+                        (lambda obs: [0.0] * 8, want + "list"),
+                        (lambda obs: (zeros,), want + "tuple"),
+                        (nan_expert, want + r"non-finite values \(nan or inf\): \[\[nan, "),
+                        (lambda obs: (zeros, 0.5), want_confidence + "float"),
+                        (lambda obs: (zeros, torch.ones(1, 1)), want_confidence + r"a torch.float32 tensor of shape "
+                                                                                  r"\(1, 1\)"),
+                        (lambda obs: (zeros, torch.tensor([float("nan")])), want_confidence + "non-finite")]:
         wrapper = util.ExpertResidualWrapper(RecordingEnv(native_env), expert)
-        with pytest.raises(util.UsageError, match=want + got) as refusal:
+        with pytest.raises(util.UsageError, match=got) as refusal:
             wrapper.reset(seed=0)
         assert "expert test_wrapper." in str(refusal.value)
-    assert "test_wrapper.nan_expert must" in str(refusal.value)
+        if expert is nan_expert:
+            assert "test_wrapper.nan_expert must" in str(refusal.value)
+    # a well-formed confidence passes
+    obs, _ = util.ExpertResidualWrapper(RecordingEnv(native_env), lambda obs: (zeros, torch.ones(1))).reset(seed=0)
+    assert torch.equal(obs[:, -8:], zeros)
     with pytest.raises(ValueError, match="residual scale"):
         util.ExpertResidualWrapper(native_env, ZeroExpert(8), residual_scale=-1)
 

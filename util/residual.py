@@ -69,8 +69,8 @@ def check_scale_mode(mode: str, scale: float, scale_min: float) -> None:
 def consult(experts: list, obs: dict) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
     """Every expert's action for ``obs``, and the confidence of those that return ``(action, confidence)``."""
     outputs = [expert(obs) for expert in experts]
-    return ([out[0] if isinstance(out, tuple) else out for out in outputs],
-            [out[1] if isinstance(out, tuple) else None for out in outputs])
+    pair = lambda out: isinstance(out, tuple) and len(out) == 2  # any other tuple is a wrong action, for the check
+    return [out[0] if pair(out) else out for out in outputs], [out[1] if pair(out) else None for out in outputs]
 
 
 def expert_confidence(experts: list, obs: dict, expert_actions: torch.Tensor, returned: list,
@@ -255,8 +255,8 @@ class ExpertResidualWrapper:
         with self.timer("expert"):
             actions, returned = consult(self.experts, obs)
             if not self._experts_checked:  # at the first call only: the finiteness check waits for the GPU
-                for expert, action in zip(self.experts, actions):
-                    self._check_expert_action(expert, action)
+                for expert, action, confidence in zip(self.experts, actions, returned):
+                    self._check_expert_output(expert, action, confidence)
                 self._experts_checked = True
             actions = torch.stack(actions, dim=1)
             scale = None
@@ -267,21 +267,28 @@ class ExpertResidualWrapper:
                 actions = actions + self.expert_action_noise * torch.randn_like(actions)
             return actions, scale
 
-    def _check_expert_action(self, expert, action) -> None:
-        """A user's expert that returns the wrong thing is named in one line, before the env sees its action."""
-        want = f"a float32 tensor of shape ({self.num_envs}, {self.action_dim}) on {self.device}"
-        if not isinstance(action, torch.Tensor):
-            got = type(action).__name__
-        elif action.shape != (self.num_envs, self.action_dim) or action.dtype != torch.float32 \
-                or action.device != self.device:
-            got = f"a {action.dtype} tensor of shape {tuple(action.shape)} on {action.device}"
-        elif not torch.isfinite(action).all():
-            got = f"non-finite values (nan or inf): {action.tolist()}"[:300]
-        else:
-            return
+    def _check_expert_output(self, expert, action, confidence) -> None:
+        """A user's expert that returns the wrong thing is named in one line, before the env sees its action: the
+        action, and the confidence of an expert that returns ``(action, confidence)``."""
+        def wrong(value, shape, dtypes):
+            if not isinstance(value, torch.Tensor):
+                return type(value).__name__
+            if value.shape != shape or value.dtype not in dtypes or value.device != self.device:
+                return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
+            if not torch.isfinite(value).all():
+                return f"non-finite values (nan or inf): {value.tolist()}"[:300]
+            return None
+
         name = getattr(expert, "__qualname__", type(expert).__qualname__)
-        module = getattr(expert, "__module__", "") or type(expert).__module__
-        raise UsageError(f"expert {module}.{name} must return {want}; it returned {got}")
+        expert_name = f"{getattr(expert, '__module__', '') or type(expert).__module__}.{name}"
+        got = wrong(action, (self.num_envs, self.action_dim), (torch.float32,))
+        if got:
+            raise UsageError(f"expert {expert_name} must return a float32 tensor of shape ({self.num_envs}, "
+                             f"{self.action_dim}) on {self.device}, or (that action, confidence); it returned {got}")
+        got = None if confidence is None else wrong(confidence, (self.num_envs,), (torch.float32, torch.float64))
+        if got:
+            raise UsageError(f"expert {expert_name}'s confidence must be a float tensor of shape ({self.num_envs},) "
+                             f"on {self.device}, in [0, 1]; it returned {got}")
 
     def _policy_obs(self, obs: dict, expert_actions: torch.Tensor, scale: Optional[torch.Tensor]) -> Obs:
         shown = expert_actions.flatten(1) if scale is None else torch.cat([expert_actions.flatten(1), scale], dim=1)
