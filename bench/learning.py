@@ -342,28 +342,38 @@ def reuse_recorded(path: str, args: Args) -> list[str]:
     try:
         with open(path) as f:
             earlier = json.load(f)
-        runs, configs, earlier_args = earlier["runs"], earlier["configs"], earlier["args"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise util.UsageError(f"--reuse-from: {path} is not a learning.json written by this bench ({e})")
-    if earlier.get("env_id") != args.task:
-        raise util.UsageError(f"--reuse-from: {path} holds runs of {earlier.get('env_id')}, not of --task {args.task}")
-    taken = []
+        env_id = earlier.get("env_id")
+        writes, taken = _recorded_writes(earlier, args)  # all read before any is written
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise util.UsageError(f"--reuse-from: {path} is not a learning.json written by this bench "
+                              f"({type(e).__name__}: {e})") from None
+    if env_id != args.task:
+        raise util.UsageError(f"--reuse-from: {path} holds runs of {env_id}, not of --task {args.task}")
+    for record_path, record in writes:
+        util.save_json(record_path, record)
+    return taken
+
+
+def _recorded_writes(earlier: dict, args: Args) -> tuple[list[tuple[str, dict]], list[str]]:
+    """The records of an earlier learning.json that --out/logs lacks, as (path, record), and the runs among them."""
+    runs, configs, earlier_args = earlier["runs"], earlier["configs"], earlier["args"]
+    writes, taken = [], []
     for run in runs:
         record_path = _record_path(args, run["config"], run["seed"])
         if not os.path.isfile(record_path):
-            util.save_json(record_path, {k: v for k, v in run.items() if k not in DERIVED})
+            writes.append((record_path, {k: v for k, v in run.items() if k not in DERIVED}))
             taken.append(f"{run['config']}:{run['seed']}")
         same = _expert_on_evals_path(args, "ik", run["seed"])
         if run.get("expert_on_same_episodes") and not os.path.isfile(same):
-            util.save_json(same, dict(flags=configs["ik"], num_eval_envs=earlier_args["num_eval_envs"],
-                                      evals=[dict(success_once=v) for v in run["expert_on_same_episodes"]]))
+            writes.append((same, dict(flags=configs["ik"], num_eval_envs=earlier_args["num_eval_envs"],
+                                      evals=[dict(success_once=v) for v in run["expert_on_same_episodes"]])))
     for config, success_once in earlier["expert_alone"].items():
         record_path = _expert_alone_path(args, config, earlier_args["expert_episodes"])
         if not os.path.isfile(record_path):
             gain, millimetres = _ik_settings(config, dict(configs=configs))
-            util.save_json(record_path, dict(gain=gain, calibration_mm=millimetres,
-                                             episodes=earlier_args["expert_episodes"], success_once=success_once))
-    return taken
+            writes.append((record_path, dict(gain=gain, calibration_mm=millimetres,
+                                             episodes=earlier_args["expert_episodes"], success_once=success_once)))
+    return writes, taken
 
 
 def _set_flag(argv: list[str], flag: str, value: str) -> list[str]:

@@ -286,6 +286,19 @@ def test_an_unusable_earlier_json_is_refused_in_one_line(learning, tmp_path):
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"error: --reuse-from: {tmp_path / 'missing.json'} is not a learning.json")
     assert not out.exists()  # refused before anything is written
+    # readable JSON that lacks a part the bench writes: refused before any record is written
+    committed = json.load(open(os.path.join(ROOT, "docs", "learning-PegInsertionSide-v1.json")))
+    for broken in ({k: v for k, v in committed.items() if k != "expert_alone"},
+                   dict(committed, runs=[{k: v for k, v in committed["runs"][0].items() if k != "seed"}]),
+                   dict(committed, args={k: v for k, v in committed["args"].items() if k != "num_eval_envs"})):
+        path = tmp_path / "broken.json"
+        path.write_text(json.dumps(broken))
+        proc = run_main("bench/learning.py", ["--task", "PegInsertionSide-v1", "--no-train", "--reuse-from",
+                                              str(path), "--out", str(out)], cwd=ROOT)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith(f"error: --reuse-from: {path} is not a learning.json written by this bench (KeyError")
+        assert not out.exists()
     other_task = learning.Args(task="PickCube-v1", out=str(tmp_path))
     with pytest.raises(learning.util.UsageError, match="holds runs of PegInsertionSide-v1, not of --task PickCube-v1"):
         learning.reuse_recorded(os.path.join(ROOT, "docs", "learning-PegInsertionSide-v1.json"), other_task)
