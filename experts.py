@@ -30,8 +30,8 @@ import torch.nn as nn
 from mani_skill.utils.geometry.rotation_conversions import (axis_angle_to_matrix, matrix_to_axis_angle,
                                                              matrix_to_quaternion, quaternion_to_matrix)
 
-from util import (UsageError, adaptive_scale, check_checkpoint, check_fusion, compose_action, consult,
-                  expert_confidence, first_line, flat_state, image_policy_obs, load_checkpoint, with_expert_action)
+from util import (UsageError, check_checkpoint, check_fusion, compose_action, experts_policy_obs, first_line,
+                  flat_state, image_policy_obs, load_checkpoint, observe_experts)
 
 ExpertFn = Callable[[dict], torch.Tensor]
 EXPERT_TYPES = ("zero", "ik", "model", "custom")
@@ -601,8 +601,7 @@ class ModelExpert:
         if network == "mlp-state":
             self.actor = mlp_actor(payload["model"]).to(device)
             self.signature = dict(obs_dim=meta["obs_dim"])
-            # image runs carry camera data next to the state: the state policy reads only the state
-            self.policy_obs_fn = lambda obs: flat_state(dict(agent=obs["agent"], extra=obs["extra"]))
+            self.policy_obs_fn = state_of
         else:
             agent = image_agent(meta["rgb_shape"], meta["state_dim"], meta["action_dim"])
             agent.load_state_dict(payload["model"])
@@ -617,19 +616,22 @@ class ModelExpert:
 
     @torch.no_grad()
     def __call__(self, obs: dict) -> torch.Tensor:
-        actions, returned = consult(self.inner, obs)
-        expert_actions = torch.stack(actions, dim=1)
-        shown, scale = expert_actions.flatten(1), self.scale
-        if self.scale_mode == "adaptive":  # as the wrapper trained it: the per-env scale, shown to the policy
-            confidence = expert_confidence(self.inner, obs, expert_actions, returned, self.bounds)
-            scale = adaptive_scale(confidence, self.scale, self.scale_min)[:, None]
-            shown = torch.cat([shown, scale], dim=1)
-        policy_obs = with_expert_action(self.policy_obs_fn(obs), shown)
+        # as the wrapper trained it: the same experts, and under adaptive scaling the per-env scale
+        expert_actions, env_scale = observe_experts(self.inner, obs, self.bounds, self.scale_mode, self.scale,
+                                                    self.scale_min)
+        policy_obs = experts_policy_obs(self.policy_obs_fn(obs), expert_actions, env_scale)
         signature = _obs_signature(policy_obs)
         if signature != self.signature:
             raise UsageError(f"checkpoint '{self.path}' was trained on observations {self.signature} but "
                              f"{self.env_id} gives {signature}")
+        scale = self.scale if env_scale is None else env_scale
         return compose_action(expert_actions, self.actor(policy_obs), scale, self.fusion, bounds=self.bounds)[0]
+
+
+def state_of(obs: dict) -> torch.Tensor:
+    """ManiSkill's flat state observation, from a structured one; image runs carry camera data beside the state,
+    which a state policy does not read."""
+    return flat_state(dict(agent=obs["agent"], extra=obs["extra"]))
 
 
 MODEL_FORMATS = ("a checkpoint of these scripts, a state dict of the Agent of ManiSkill's PPO baselines (ppo.py, "
@@ -691,7 +693,7 @@ class StatePolicyExpert:
 
     @torch.no_grad()
     def __call__(self, obs: dict) -> torch.Tensor:
-        state = flat_state(dict(agent=obs["agent"], extra=obs["extra"]))
+        state = state_of(obs)
         if self.checked:
             return self.policy(state)
         if self.dims is not None and self.dims != (state.shape[1], self.action_dim):

@@ -95,6 +95,29 @@ def adaptive_scale(confidence: torch.Tensor, scale: float, scale_min: float) -> 
     return scale_min + (scale - scale_min) * (1 - confidence)
 
 
+def observe_experts(experts: list, obs: dict, bounds: tuple[torch.Tensor, torch.Tensor], scale_mode: str,
+                    scale: float, scale_min: float, check: Optional[Callable] = None
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The experts' actions for ``obs``, [N, experts, A], and under adaptive scaling each env's residual scale,
+    [N, 1] (else None). ``check(expert, action, confidence)``, if given, sees each expert's output first."""
+    actions, returned = consult(experts, obs)
+    if check is not None:
+        for expert, action, confidence in zip(experts, actions, returned):
+            check(expert, action, confidence)
+    actions = torch.stack(actions, dim=1)
+    if scale_mode != "adaptive":
+        return actions, None
+    confidence = expert_confidence(experts, obs, actions, returned, bounds)
+    return actions, adaptive_scale(confidence, scale, scale_min)[:, None]
+
+
+def experts_policy_obs(policy_obs: Obs, expert_actions: torch.Tensor, env_scale: Optional[torch.Tensor]) -> Obs:
+    """What the policy observes: ``policy_obs``, every expert's action and, under adaptive scaling, the env's
+    residual scale."""
+    shown = expert_actions.flatten(1) if env_scale is None else torch.cat([expert_actions.flatten(1), env_scale], 1)
+    return with_expert_action(policy_obs, shown)
+
+
 def check_fusion(fusion: str, num_experts: int) -> None:
     if fusion not in FUSIONS:
         raise ValueError(f"--fusion must be one of {', '.join(FUSIONS)}, not '{fusion}'")
@@ -253,16 +276,11 @@ class ExpertResidualWrapper:
     def _observe(self, obs: dict, noise: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The experts' actions for ``obs`` and, under adaptive scaling, each env's residual scale."""
         with self.timer("expert"):
-            actions, returned = consult(self.experts, obs)
-            if not self._experts_checked:  # at the first call only: the finiteness check waits for the GPU
-                for expert, action, confidence in zip(self.experts, actions, returned):
-                    self._check_expert_output(expert, action, confidence)
-                self._experts_checked = True
-            actions = torch.stack(actions, dim=1)
-            scale = None
-            if self.scale_mode == "adaptive":
-                confidence = expert_confidence(self.experts, obs, actions, returned, (self.low, self.high))
-                scale = adaptive_scale(confidence, self.residual_scale, self.scale_min)[:, None]
+            # the outputs are checked at the first call only: the finiteness check waits for the GPU
+            check = None if self._experts_checked else self._check_expert_output
+            actions, scale = observe_experts(self.experts, obs, (self.low, self.high), self.scale_mode,
+                                             self.residual_scale, self.scale_min, check)
+            self._experts_checked = True
             if noise and self.expert_action_noise > 0:
                 actions = actions + self.expert_action_noise * torch.randn_like(actions)
             return actions, scale
@@ -291,8 +309,7 @@ class ExpertResidualWrapper:
                              f"on {self.device}, in [0, 1]; it returned {got}")
 
     def _policy_obs(self, obs: dict, expert_actions: torch.Tensor, scale: Optional[torch.Tensor]) -> Obs:
-        shown = expert_actions.flatten(1) if scale is None else torch.cat([expert_actions.flatten(1), scale], dim=1)
-        return with_expert_action(self.policy_obs_fn(obs), shown)
+        return experts_policy_obs(self.policy_obs_fn(obs), expert_actions, scale)
 
     def reset(self, *, seed=None, options=None):
         obs, info = self.env.reset(seed=seed, options=options)
