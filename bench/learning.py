@@ -250,7 +250,7 @@ def _expert_on_evals_path(args: Args, config: str, seed: int) -> str:
 def _start_ppo(argv: list[str], log) -> subprocess.Popen:
     """ppo.py with ``argv``, from the repository's root, its output to ``log``."""
     # One OpenMP thread: on a machine shared with other jobs, a second thread spins at every barrier while
-    # the other is descheduled, and a batch of 400 samples gains nothing from a second thread.
+    # the other is descheduled.
     return subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT)
 

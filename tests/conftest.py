@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # a ppo.py run small enough for CI: 2 CPU envs, 2 iterations of 8 steps, an eval (and video) every iteration, eval
-# envs that keep their scene (rebuilding it at every reset costs a CPU run more than a second)
+# envs that keep their scene (rebuilding it at every reset is slow on the CPU)
 TINY = ["--sim-backend", "cpu", "--num-envs", "2", "--num-eval-envs", "1", "--num-steps", "8",
         "--num-minibatches", "2", "--total-timesteps", "32", "--eval-freq", "1", "--eval-reconfiguration-freq", "0"]
 
