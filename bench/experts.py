@@ -57,17 +57,10 @@ def success_rates(task: str, mode: str, args: Args) -> dict:
     wrapped = util.ExpertResidualWrapper(env, timed)
     wrapped.reset(seed=0)
     zero = torch.zeros(args.num_envs, wrapped.action_dim)
-    rounds = -(-args.episodes // args.num_envs)
-    once, at_end = [], []
-    for _ in range(rounds):
-        for _ in range(wrapped.max_episode_steps):
-            _, _, _, _, info = wrapped.step(zero)
-        episode = info["final_info"]["episode"]
-        once.append(episode["success_once"])
-        at_end.append(episode["success_at_end"])
+    episodes = util.full_episodes(wrapped, zero, rounds=-(-args.episodes // args.num_envs))
     wrapped.close()
-    return dict(success_once=torch.cat(once)[:args.episodes].float().mean().item(),
-                success_at_end=torch.cat(at_end)[:args.episodes].float().mean().item(),
+    rate = lambda key: torch.cat([e[key] for e in episodes])[:args.episodes].float().mean().item()
+    return dict(success_once=rate("success_once"), success_at_end=rate("success_at_end"),
                 ms_per_call=1000 * cost["seconds"] / cost["calls"])
 
 

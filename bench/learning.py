@@ -164,13 +164,9 @@ def expert_alone(config: str, task: dict, args: Args) -> float:
                                           control_mode=task["control_mode"]), config, task, args)
     wrapped.reset(seed=12345)
     zero = torch.zeros(args.num_eval_envs, wrapped.action_dim)
-    successes = []
-    for _ in range(-(-args.expert_episodes // args.num_eval_envs)):
-        for _ in range(wrapped.max_episode_steps):
-            _, _, _, _, info = wrapped.step(zero)
-        successes.append(info["final_info"]["episode"]["success_once"])
+    episodes = util.full_episodes(wrapped, zero, rounds=-(-args.expert_episodes // args.num_eval_envs))
     wrapped.close()
-    success_once = torch.cat(successes)[:args.expert_episodes].float().mean().item()
+    success_once = torch.cat([e["success_once"] for e in episodes])[:args.expert_episodes].float().mean().item()
     util.save_json(record_path, dict(gain=gain, calibration_mm=millimetres, episodes=args.expert_episodes,
                                   success_once=success_once))
     return success_once

@@ -55,19 +55,13 @@ def replay(args: Args, residual: float) -> dict:
     wrapped = util.ExpertResidualWrapper(env, experts.IKExpert(args.task, args.control_mode),
                                          residual_scale=args.residual_scale)
     action = torch.full((args.num_eval_envs, wrapped.action_dim), residual)
-    outcomes, returns = [], []
     try:
         wrapped.reset(seed=args.seed + 1_000_000)
-        for _ in range(args.evals):
-            wrapped.reset()
-            for _ in range(wrapped.max_episode_steps):  # every episode ends at the step limit together
-                _, _, _, _, info = wrapped.step(action)
-            episode = info["final_info"]["episode"]
-            outcomes.append(episode["success_once"].bool().tolist())
-            returns.append(episode["return"].tolist())
+        episodes = util.full_episodes(wrapped, action, args.evals, reset_each=True)  # as ppo.py's evals
     finally:
         wrapped.close()
-    return dict(outcomes=outcomes, returns=returns)
+    return dict(outcomes=[e["success_once"].bool().tolist() for e in episodes],
+                returns=[e["return"].tolist() for e in episodes])
 
 
 def main() -> None:

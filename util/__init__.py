@@ -19,10 +19,10 @@ from .residual import (SCALE_SCHEDULES, CriticWarmup, ExpertResidualWrapper, Res
                        flat_state, image_policy_obs, observe_experts, with_expert_action)
 from .run import (STOP_SIGNALS, Distributed, EpisodeMetrics, FatalError, GracefulStop, PhaseTimer, UsageError,
                   check_checkpoint, check_checkpoint_flags, check_finite, check_flags, check_resume, check_track,
-                  check_writable, first_line, init_distributed, load_checkpoint, load_optimizer_state, peak_gpu_memory,
-                  resume_args, run_cli, save_checkpoint, save_json, save_run_checkpoint, step_where, versions,
-                  RunOutput, close_run, eval_line, evaluate, restore_training, resume_command, save_training_checkpoint,
-                  seed_everything, write_atomically)
+                  check_writable, first_line, full_episodes, init_distributed, load_checkpoint, load_optimizer_state,
+                  peak_gpu_memory, resume_args, run_cli, save_checkpoint, save_json, save_run_checkpoint, step_where,
+                  versions, RunOutput, close_run, eval_line, evaluate, restore_training, resume_command,
+                  save_training_checkpoint, seed_everything, write_atomically)
 
 
 __all__ = ["NO_CUDA_VULKAN", "CpuVectorEnv", "NativeVectorEnv", "available_cores", "check_env_id", "check_reward_mode",
@@ -31,8 +31,8 @@ __all__ = ["NO_CUDA_VULKAN", "CpuVectorEnv", "NativeVectorEnv", "available_cores
            "compose_action", "consult", "expert_confidence", "experts_policy_obs", "flat_state", "image_policy_obs",
            "observe_experts", "with_expert_action", "STOP_SIGNALS", "Distributed", "EpisodeMetrics", "FatalError",
            "GracefulStop", "PhaseTimer", "UsageError", "check_checkpoint", "check_checkpoint_flags", "check_finite",
-           "check_flags", "check_resume", "check_track", "check_writable", "first_line", "init_distributed",
-           "load_checkpoint", "load_optimizer_state", "peak_gpu_memory", "resume_args", "run_cli", "save_checkpoint",
-           "save_json", "save_run_checkpoint", "step_where", "versions", "RunOutput", "close_run", "eval_line",
-           "evaluate", "restore_training", "resume_command", "save_training_checkpoint", "seed_everything",
+           "check_flags", "check_resume", "check_track", "check_writable", "first_line", "full_episodes",
+           "init_distributed", "load_checkpoint", "load_optimizer_state", "peak_gpu_memory", "resume_args", "run_cli",
+           "save_checkpoint", "save_json", "save_run_checkpoint", "step_where", "versions", "RunOutput", "close_run",
+           "eval_line", "evaluate", "restore_training", "resume_command", "save_training_checkpoint", "seed_everything",
            "write_atomically"]

@@ -687,6 +687,20 @@ def evaluate(eval_envs, policy: Callable, num_steps: int, video_path: Optional[s
     return episodes.means()
 
 
+def full_episodes(envs, action: torch.Tensor, rounds: int, reset_each: bool = False) -> list[dict]:
+    """``rounds`` rounds of one full episode per env under a constant ``action``, on envs whose episodes all end at
+    the step limit together (ignore_terminations): each round's ``final_info["episode"]``. ``reset_each`` resets
+    the envs before every round, as ``evaluate`` does; otherwise each round follows on from the one before."""
+    episodes = []
+    for _ in range(rounds):
+        if reset_each:
+            envs.reset()
+        for _ in range(envs.max_episode_steps):
+            _, _, _, _, info = envs.step(action)
+        episodes.append(info["final_info"]["episode"])
+    return episodes
+
+
 def eval_line(metrics: dict, global_step: int) -> str:
     if not metrics:  # --num-eval-steps shorter than an episode
         return f"eval @ {global_step} steps: no episode ended within --num-eval-steps"
