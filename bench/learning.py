@@ -270,26 +270,28 @@ def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
                *shlex.split(task["configs"][config])]
     log_path = os.path.join(args.out, "logs", f"{exp_name}.log")
     record_path = _record_path(args, config, seed)
+    started_path = os.path.join(args.out, "logs", f"{exp_name}.started.json")
+    started = None
+    if not args.rerun and os.path.isfile(started_path):
+        with open(started_path) as f:
+            started = json.load(f)
     if not args.rerun and os.path.isfile(record_path):
         with open(record_path) as f:
             record = json.load(f)
         if _same_training(record["command"], shlex.join(command[1:])):
             print(f"{config} seed {seed}: reusing {record['run_dir']}", flush=True)
-            if "running_seconds" not in record and os.path.isdir(record["run_dir"]):  # recorded before it was
-                record["running_seconds"] = read_events(record["run_dir"])[1]
+            if os.path.isdir(record["run_dir"]):  # read again: its launches may have been recorded since
+                launches = started.get("launches", []) if started and started["run_dir"] == record["run_dir"] else []
+                record["running_seconds"] = read_events(record["run_dir"], launches)[1]
             return record
     if not args.train:
         return None
     # A run that an earlier invocation started with this command and did not finish (a session that ended, a
     # machine that went down) goes on from its newest checkpoint, in its own directory.
-    started_path = os.path.join(args.out, "logs", f"{exp_name}.started.json")
     resume_from, launches = None, []
-    if not args.rerun and os.path.isfile(started_path):
-        with open(started_path) as f:
-            started = json.load(f)
-        latest = os.path.join(started["run_dir"], "latest.pt")
-        if started["command"] == shlex.join(command[1:]) and os.path.isfile(latest):
-            resume_from, launches = latest, started.get("launches", [])
+    if started and started["command"] == shlex.join(command[1:]) \
+            and os.path.isfile(os.path.join(started["run_dir"], "latest.pt")):
+        resume_from, launches = os.path.join(started["run_dir"], "latest.pt"), started.get("launches", [])
     runs_before = set(os.listdir(runs)) if os.path.isdir(runs) else set()
     launch = command + (["--resume", "--checkpoint", resume_from] if resume_from else [])
     print(f"[{time.strftime('%H:%M:%S')}] {config} seed {seed}: {shlex.join(launch[1:])}", flush=True)

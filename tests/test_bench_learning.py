@@ -67,6 +67,39 @@ def test_a_stop_and_restart_shorter_than_the_longest_gap_is_not_running_time(lea
     assert learning.read_events(str(tmp_path))[1] == pytest.approx(450.0)
 
 
+def test_a_reused_run_reads_its_running_time_again_with_its_launches(learning, tmp_path):
+    """A run recorded before its launches were: reused, its record's running time is read again from its event log,
+    now leaving out the 290 s gap that spans its restart (the log of the test above: 10 + 100 + 50 s)."""
+    committed = os.path.join(ROOT, "docs", "learning-PegInsertionSide-v1.json")
+    with open(committed) as f:
+        made_with = json.load(f)["args"]  # the eval settings are part of each recorded run's command
+    args = learning.Args(task="PegInsertionSide-v1", out=str(tmp_path / "out"), train=False,
+                         num_eval_envs=made_with["num_eval_envs"], eval_freq=made_with.get("eval_freq"),
+                         total_timesteps=made_with["total_timesteps"])
+    assert "zero:1" in learning.reuse_recorded(committed, args)
+    run_dir = tmp_path / "run"
+    first = SummaryWriter(str(run_dir), filename_suffix=".a")
+    for value, step, walltime in ((0.25, 0, 1000.0), (0.3, 100, 1010.0), (0.4, 200, 1110.0)):
+        first.add_scalar("eval/success_once", value, step, walltime=walltime)
+    first.close()
+    resumed = SummaryWriter(str(run_dir), purge_step=300, filename_suffix=".b")
+    resumed.add_scalar("eval/success_once", 0.6, 300, walltime=1400.0)
+    resumed.add_scalar("eval/success_once", 0.7, 400, walltime=1450.0)
+    resumed.close()
+    logs = tmp_path / "out" / "logs"
+    record = json.loads((logs / "zero_s1.json").read_text())
+    (logs / "zero_s1.json").write_text(json.dumps(dict(record, run_dir=str(run_dir), running_seconds=450.0)))
+    started = dict(command=record["command"], run_dir=str(run_dir))
+    task = learning.TASKS["PegInsertionSide-v1"]
+
+    (logs / "zero_s1.started.json").write_text(json.dumps(started))  # no launches recorded: the 15-minute rule
+    assert learning.train("zero", 1, task, args)["running_seconds"] == pytest.approx(450.0)
+    (logs / "zero_s1.started.json").write_text(json.dumps(dict(started, launches=[990.0, 1300.0])))
+    reused = learning.train("zero", 1, task, args)
+    assert reused["running_seconds"] == pytest.approx(160.0)
+    assert reused["success_once"] == record["success_once"]  # the rest is the record's
+
+
 def test_a_final_evaluation_is_made_once_and_never_while_only_reporting(learning, tmp_path):
     """A recorded final evaluation at the requested episode count is reused as it stands; under --no-train a
     run without one gets none (None), and nothing is started: its run directory does not even exist."""
