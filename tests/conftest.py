@@ -76,6 +76,18 @@ def ik_run(tmp_path_factory):
     return run
 
 
+def with_head(path, out, bias):
+    """A copy of checkpoint ``path`` whose policy mean is ``bias`` everywhere: the last actor layer's weights zero
+    and its bias ``bias``."""
+    payload = torch.load(path, weights_only=True)
+    last = max((k for k in payload["model"] if k.startswith("actor_mean.") and k.endswith(".weight")),
+               key=lambda k: int(k.split(".")[1]))
+    payload["model"][last].zero_()
+    payload["model"][last.replace("weight", "bias")].copy_(torch.as_tensor(bias))
+    torch.save(payload, out)
+    return str(out)
+
+
 def load_file(path):
     """The module in `path` under the repository, for files not importable by name, such as bench/learning.py."""
     import importlib.util

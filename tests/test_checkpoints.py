@@ -11,25 +11,13 @@ import torch
 
 import experts
 import util
-from conftest import SMALL_CAMERA, TINY, run_main
+from conftest import SMALL_CAMERA, TINY, run_main, with_head
 
 SCRIPTS = ["ppo.py", "ppo_rgb.py", "ppo_fast.py", "ppo_rgb_fast.py"]
 
 
 def camera(script):
     return SMALL_CAMERA if "rgb" in script else []
-
-
-def with_head(path, out, bias):
-    """A copy of checkpoint ``path`` whose policy mean is ``bias`` everywhere: the last actor layer's weights zero
-    and its bias ``bias``."""
-    payload = torch.load(path, weights_only=True)
-    last = max((k for k in payload["model"] if k.startswith("actor_mean.") and k.endswith(".weight")),
-               key=lambda k: int(k.split(".")[1]))
-    payload["model"][last].zero_()
-    payload["model"][last.replace("weight", "bias")].copy_(torch.as_tensor(bias))
-    torch.save(payload, out)
-    return str(out)
 
 
 def test_a_run_keeps_the_newest_numbered_checkpoints(ik_run):

@@ -18,7 +18,7 @@ import experts
 import ppo
 import ppo_fast
 import util
-from conftest import ROOT, TINY, run_main, run_script
+from conftest import ROOT, TINY, run_main, run_script, with_head
 from test_reliability import ENDLESS, assert_gone, descendants, load, wait_for
 
 CUDA_NOTICE = "CUDA graphs need a CUDA device; continuing without them"
@@ -178,7 +178,7 @@ def test_ppo_fast_compile_cudagraphs(ik_run):
     assert not any(k.startswith("_orig_mod.") for k in payload["model"])
 
 
-def test_ppo_rgb_fast_compile_and_its_image_model_expert(ik_run):
+def test_ppo_rgb_fast_compile_and_its_image_model_expert(ik_run, tmp_path):
     run_dir, proc = ik_run("ppo_rgb_fast.py")  # --compile, 36x36 camera
     assert COMPILE_LINE in proc.stdout
     ckpt = os.path.join(run_dir, "final_ckpt.pt")
@@ -201,6 +201,11 @@ def test_ppo_rgb_fast_compile_and_its_image_model_expert(ik_run):
         with torch.no_grad():
             mean = agent.get_action(util.with_expert_action(util.image_policy_obs(env)(obs), ik))
         torch.testing.assert_close(expert(obs), (ik + 0.2 * mean).clamp(-1, 1))
+        # and independently of the network: a head whose mean is a known constant
+        head = torch.tensor([0.5, -2.0, 0.25, 3.0])
+        biased = experts.make_expert("model", "PickCube-v1", env, image_agent=ppo_rgb.Agent,
+                                     model_path=with_head(ckpt, tmp_path / "head.pt", head))
+        torch.testing.assert_close(biased(obs), (ik + 0.2 * head).clamp(-1, 1))
     finally:
         env.close()
 
