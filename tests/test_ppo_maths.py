@@ -161,7 +161,9 @@ def test_the_value_loss_pulls_the_value_towards_the_return(name):
     sgd_step(agent, v_loss)
     with torch.no_grad():
         values = agent.get_value(obs).flatten()
-    assert ((mb["returns"] - values).abs() < 2.0).all(), values
+    # the gap was 2 for every sample; a step of the value loss's gradient (lr 0.01) closes more than half of it,
+    # where a step that did nothing, or pushed the wrong way, leaves 2 or more
+    assert ((mb["returns"] - values).abs() < 1.0).all(), values
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
