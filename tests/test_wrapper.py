@@ -133,7 +133,9 @@ def test_bad_expert_output_is_reported_on_first_call(native_env):
                         (lambda obs: (zeros, 0.5), want_confidence + "float"),
                         (lambda obs: (zeros, torch.ones(1, 1)), want_confidence + r"a torch.float32 tensor of shape "
                                                                                   r"\(1, 1\)"),
-                        (lambda obs: (zeros, torch.tensor([float("nan")])), want_confidence + "non-finite")]:
+                        (lambda obs: (zeros, torch.tensor([float("nan")])), want_confidence + "non-finite"),
+                        (lambda obs: (zeros, torch.tensor([1.5])), want_confidence + r"values outside \[0, 1\]: "
+                                                                                     r"\[1.5\]")]:
         wrapper = util.ExpertResidualWrapper(RecordingEnv(native_env), expert)
         with pytest.raises(util.UsageError, match=got) as refusal:
             wrapper.reset(seed=0)

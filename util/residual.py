@@ -288,13 +288,15 @@ class ExpertResidualWrapper:
     def _check_expert_output(self, expert, action, confidence) -> None:
         """A user's expert that returns the wrong thing is named in one line, before the env sees its action: the
         action, and the confidence of an expert that returns ``(action, confidence)``."""
-        def wrong(value, shape, dtypes):
+        def wrong(value, shape, dtypes, unit=False):
             if not isinstance(value, torch.Tensor):
                 return type(value).__name__
             if value.shape != shape or value.dtype not in dtypes or value.device != self.device:
                 return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
             if not torch.isfinite(value).all():
                 return f"non-finite values (nan or inf): {value.tolist()}"[:300]
+            if unit and ((value < 0) | (value > 1)).any():
+                return f"values outside [0, 1]: {value.tolist()}"[:300]
             return None
 
         name = getattr(expert, "__qualname__", type(expert).__qualname__)
@@ -303,7 +305,7 @@ class ExpertResidualWrapper:
         if got:
             raise UsageError(f"expert {expert_name} must return a float32 tensor of shape ({self.num_envs}, "
                              f"{self.action_dim}) on {self.device}, or (that action, confidence); it returned {got}")
-        got = None if confidence is None else wrong(confidence, (self.num_envs,), (torch.float32, torch.float64))
+        got = confidence is not None and wrong(confidence, (self.num_envs,), (torch.float32, torch.float64), True)
         if got:
             raise UsageError(f"expert {expert_name}'s confidence must be a float tensor of shape ({self.num_envs},) "
                              f"on {self.device}, in [0, 1]; it returned {got}")
