@@ -281,8 +281,8 @@ def train(config: str, seed: int, task: dict, args: Args) -> Optional[dict]:
         if _same_training(record["command"], shlex.join(command[1:])):
             print(f"{config} seed {seed}: reusing {record['run_dir']}", flush=True)
             if os.path.isdir(record["run_dir"]):  # read again: its launches may have been recorded since
-                launches = started.get("launches", []) if started and started["run_dir"] == record["run_dir"] else []
-                record["running_seconds"] = read_events(record["run_dir"], launches)[1]
+                own = started if started and started["run_dir"] == record["run_dir"] else {}
+                record["running_seconds"] = read_events(record["run_dir"], own.get("launches", []))[1]
             return record
     if not args.train:
         return None

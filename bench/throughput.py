@@ -142,8 +142,8 @@ def train_sps(args: Args, script: str = "ppo.py", num_envs: int = 0, timesteps: 
         if ranks > 1 else [sys.executable]
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as cache:
         cmd = [*launcher, script, "--sim-backend", "cpu", "--env-id", args.env_id, "--control-mode", args.control_mode,
-               "--num-envs",
-               str((num_envs or args.num_envs) // ranks), "--total-timesteps", str(timesteps or args.train_timesteps),
+               "--num-envs", str((num_envs or args.num_envs) // ranks),
+               "--total-timesteps", str(timesteps or args.train_timesteps),
                "--eval-freq", "100000", "--no-capture-video", "--no-save-model", "--num-eval-envs", "1",
                "--no-cuda", "--output-dir", out, *extra]
         # an empty inductor cache per run: compile_seconds is what a first run pays
@@ -167,9 +167,9 @@ def state_policy_dims(args: Args) -> tuple[int, int]:
     return util.flat_state(obs).shape[1] + action_dim, action_dim
 
 
-def all_reduce_bytes_per_step(args: Args) -> int:
+def all_reduce_bytes_per_step(dims: tuple[int, int]) -> int:
     """Bytes each rank all-reduces per gradient step of ppo.py: its parameter count x 4 (float32 gradients)."""
-    agent = ppo.Agent(*state_policy_dims(args))
+    agent = ppo.Agent(*dims)
     return 4 * sum(p.numel() for p in agent.parameters())
 
 
@@ -193,12 +193,12 @@ def rgb_cpu_vec_sps(args: Args) -> float:
     return sps
 
 
-def policy_step_us(args: Args) -> tuple[float, float]:
+def policy_step_us(args: Args, dims: tuple[int, int]) -> tuple[float, float]:
     """Microseconds per rollout policy step of ppo_fast.py (Agent.act at --num-envs, one thread, as on the CPU
     backend), eager and compiled, timed in alternating rounds."""
     import ppo_fast
 
-    obs_dim, action_dim = state_policy_dims(args)
+    obs_dim, action_dim = dims
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     agent = ppo_fast.Agent(obs_dim, action_dim)
@@ -231,7 +231,7 @@ def main():
     if "rgb" in args.sections and args.rgb_train_timesteps < args.rgb_num_envs * steps:
         raise util.UsageError(f"--rgb-train-timesteps must be >= one batch of --rgb-num-envs x {steps}; got "
                               f"{args.rgb_train_timesteps}")
-    state_policy_dims(args)  # builds one env: a control mode the task lacks is refused here, in one line
+    dims = state_policy_dims(args)  # builds one env: a control mode the task lacks is refused here, in one line
     results = dict(cores=os.cpu_count(), num_envs=args.num_envs, env_id=args.env_id)
     if "env" in args.sections:
         results["single_env_sps"] = single_env_sps(args)
@@ -253,9 +253,9 @@ def main():
         # env steps/s of envs.step inside training: the policy's motions cost the simulator more than random ones
         results["train_env_step_sps"] = args.train_timesteps / results["train_seconds"]["env_step"]
         results["compile_seconds"] = results["fast_compiled_train_seconds"]["compile"]
-        results["ddp_all_reduce_bytes_per_gradient_step"] = all_reduce_bytes_per_step(args)
+        results["ddp_all_reduce_bytes_per_gradient_step"] = all_reduce_bytes_per_step(dims)
     if "policy" in args.sections:
-        results["policy_step_eager_us"], results["policy_step_compiled_us"] = policy_step_us(args)
+        results["policy_step_eager_us"], results["policy_step_compiled_us"] = policy_step_us(args, dims)
     if "rgb" in args.sections:
         results["rgb_single_env_sps"] = rgb_single_env_sps(args)
         results["rgb_cpu_vec_sps"] = rgb_cpu_vec_sps(args)
