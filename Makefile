@@ -6,7 +6,7 @@ STAMP := $(VENV)/.requirements-installed
 
 # The main job: a flawed expert fixed by the residual. The IK expert on PickCube-v1 at a reduced gain
 # (--ik-gain 0.28) fails most episodes alone; residual PPO, with the bench's settings (bench/learning.py,
-# config b), learns to succeed (bench/RESULTS.md has the figures). The first eval is the expert alone.
+# configuration weak_ik), learns to succeed (bench/RESULTS.md has the figures). The first eval is the expert alone.
 # CPU: our multi-process backend with a fixed 8 envs, so the run is the same on any machine (its time is in
 # the README). GPU: ManiSkill's batched simulation.
 TRAIN_ARGS ?= --env-id PickCube-v1 --expert-type ik --ik-gain 0.28 --residual-scale 0.5 --init-logstd -2 \

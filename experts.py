@@ -455,11 +455,11 @@ class DifferentialIK:
 
 
 class CalibrationError:
-    """A fixed error in where the expert perceives its task's target (TASK_TARGETS: the goal, the cube to
-    stack on or to poke, the hole, the peg to lift), as a miscalibrated pose estimate of it would give: its position shifted by
-    ``millimetres`` and its orientation turned by ``degrees`` about its own origin. The directions of the
-    shift and of the rotation's axis are drawn once from ``seed``. Errors shared by every object would not
-    do: the plans move objects relative to each other, and such errors cancel in a closed loop."""
+    """A fixed error in where the expert perceives its task's target (TASK_TARGETS: the goal, the cube to stack on
+    or to poke, the hole, the peg to lift, the charger's goal), as a miscalibrated pose estimate of it would give:
+    its position shifted by ``millimetres`` and its orientation turned by ``degrees`` about its own origin. The
+    directions of the shift and of the rotation's axis are drawn once from ``seed``. Errors shared by every object
+    would not do: the plans move objects relative to each other, and such errors cancel in a closed loop."""
 
     def __init__(self, millimetres: float, degrees: float, seed: int):
         g = torch.Generator().manual_seed(seed)

@@ -69,7 +69,7 @@ class Args:
     ik_gain: float = 1.0
     """IK expert gain, 1: the whole error per step (tasks: Pick/Stack/Push/Pull/PokeCube, PegInsertionSide, LiftPegUpright, PlugCharger)"""
     ik_calibration_mm: float = 0.0
-    """IK expert's calibration error: it perceives its task's target (goal, cube, hole or peg) this many millimetres off"""
+    """IK expert's calibration error: it perceives its task's target (goal, cube, hole, peg or charger's goal) this many millimetres off"""
     ik_calibration_deg: float = 0.0
     """IK expert's calibration error: and turned this many degrees about its own origin"""
     ik_calibration_seed: int = 0
@@ -300,6 +300,7 @@ def check_args(args: Args) -> None:
         ("--ik-gain", args.ik_gain, "> 0"),
         ("--ik-calibration-mm", args.ik_calibration_mm, ">= 0"),
         ("--ik-calibration-deg", args.ik_calibration_deg, ">= 0"),
+        ("--ik-calibration-seed", args.ik_calibration_seed, "in [0, 2147483647]"),
         ("--total-timesteps", args.total_timesteps, ">= 1"),
         ("--num-envs", args.num_envs, ">= 1"),
         ("--num-eval-envs", args.num_eval_envs, ">= 1"),

@@ -170,6 +170,7 @@ BAD_NUMBERS = [
     (["--residual-scale-mode", "sometimes"], "--residual-scale-mode must be one of constant, adaptive, not 'sometimes'"),
     (["--ik-calibration-mm", "-1"], "--ik-calibration-mm must be >= 0, got -1.0"),
     (["--ik-calibration-deg", "nan"], "--ik-calibration-deg must be >= 0, got nan"),
+    (["--ik-calibration-seed", "-1"], "--ik-calibration-seed must be in [0, 2147483647], got -1"),
     (["--residual-scale", "inf"], "--residual-scale must be >= 0, got inf"),
     (["--init-logstd", "-inf"], "--init-logstd must be finite, got -inf"),
     (["--clip-coef", "0"], "--clip-coef must be > 0, got 0.0"),

@@ -29,36 +29,41 @@ def load(path):
 
 @pytest.mark.parametrize("script", ["ppo.py", "ppo_fast.py"])
 def test_resumed_run_matches_the_straight_run(script, tmp_path):
-    """N iterations straight equal N/2, resume, N/2 (CPU backend, fixed seeds, checkpoint at episode starts)."""
+    """N iterations straight equal N/2, resume, N/2 (CPU backend, fixed seeds, checkpoint at episode starts), whether
+    the same script resumes the run or the other of ppo.py and ppo_fast.py (eager), whose checkpoints are alike."""
     proc = run_main(script, [*ALIGNED, "--output-dir", str(tmp_path / "straight")], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     straight_stdout = proc.stdout
     (straight,) = glob.glob(str(tmp_path / "straight" / "*"))
     half = load(os.path.join(straight, "ckpt_2.pt"))
     assert (half["resume"]["iteration"], half["resume"]["global_step"]) == (2, 50)
-
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copy(os.path.join(straight, "ckpt_2.pt"), resumed / "ckpt_2.pt")
-    proc = run_main(script, ["--resume", "--checkpoint", str(resumed / "ckpt_2.pt")], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stdout and "after iteration 2 (50 steps)" in proc.stdout
-    assert glob.glob(str(resumed / "events.out.tfevents.*")), "logging continues in the run's directory"
-
-    want, got = load(os.path.join(straight, "final_ckpt.pt")), load(resumed / "final_ckpt.pt")
-    assert got["resume"]["global_step"] == want["resume"]["global_step"] == 100
+    want = load(os.path.join(straight, "final_ckpt.pt"))
     moved = sum((want["model"][k] - half["model"][k]).norm() for k in want["model"])
     assert moved > 1e-3, "the second half must change the parameters, or the comparison proves nothing"
-    for k in want["model"]:
-        torch.testing.assert_close(got["model"][k], want["model"][k], msg=f"parameter {k} diverged")
-    for a, b in zip(got["resume"]["optimizer"]["state"].values(), want["resume"]["optimizer"]["state"].values()):
-        torch.testing.assert_close(a["exp_avg"], b["exp_avg"])
-        torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"])
-    # the resumed run makes no eval at step 0, yet reports the expert alone as the straight run measured it there
     first_eval = re.search(r"eval @ 0 steps: success_once=([0-9.]+)", straight_stdout).group(1)
-    assert f"PickCube-v1: expert alone {float(first_eval):.2f} -> with residual" in proc.stdout.strip().splitlines()[-1]
-    if script == "ppo_fast.py":  # its captured graphs read the learning rate from a tensor
-        assert isinstance(got["resume"]["optimizer"]["param_groups"][0]["lr"], torch.Tensor)
+
+    other = {"ppo.py": "ppo_fast.py", "ppo_fast.py": "ppo.py"}[script]
+    for resumer in (script, other):
+        resumed = tmp_path / f"resumed_by_{resumer[:-3]}"
+        resumed.mkdir()
+        shutil.copy(os.path.join(straight, "ckpt_2.pt"), resumed / "ckpt_2.pt")
+        proc = run_main(resumer, ["--resume", "--checkpoint", str(resumed / "ckpt_2.pt")], cwd=tmp_path)
+        assert proc.returncode == 0, (resumer, proc.stderr[-3000:])
+        assert "resumed from" in proc.stdout and "after iteration 2 (50 steps)" in proc.stdout
+        assert glob.glob(str(resumed / "events.out.tfevents.*")), "logging continues in the run's directory"
+
+        got = load(resumed / "final_ckpt.pt")
+        assert got["resume"]["global_step"] == want["resume"]["global_step"] == 100
+        for k in want["model"]:
+            torch.testing.assert_close(got["model"][k], want["model"][k], msg=f"{resumer}: parameter {k} diverged")
+        for a, b in zip(got["resume"]["optimizer"]["state"].values(), want["resume"]["optimizer"]["state"].values()):
+            assert a["step"] == b["step"]
+            torch.testing.assert_close(a["exp_avg"], b["exp_avg"])
+            torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"])
+        # the resumed run makes no eval at step 0, yet reports the expert alone as the straight run measured it there
+        assert f"PickCube-v1: expert alone {float(first_eval):.2f} -> with residual" in proc.stdout.strip().splitlines()[-1]
+        if resumer == "ppo_fast.py":  # its captured graphs read the learning rate from a tensor
+            assert isinstance(got["resume"]["optimizer"]["param_groups"][0]["lr"], torch.Tensor)
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path):
