@@ -14,9 +14,9 @@ Data path: backend -> ExpertResidualWrapper -> training script.
 
 from .backends import (NO_CUDA_VULKAN, CpuVectorEnv, NativeVectorEnv, available_cores, check_env_id, check_reward_mode,
                        cuda_renders, make_env, resolve_sim_backend)
-from .residual import (SCALE_SCHEDULES, CriticWarmup, ExpertResidualWrapper, ResidualSchedule, adaptive_scale,
-                       check_fusion, check_scale_mode, compose_action, consult, expert_confidence, experts_policy_obs,
-                       flat_state, image_policy_obs, observe_experts, with_expert_action)
+from .residual import (SCALE_SCHEDULES, CriticWarmup, ExpertResidualWrapper, ResidualSchedule, check_fusion,
+                       check_scale_mode, compose_action, experts_policy_obs, flat_state, image_policy_obs,
+                       observe_experts, with_expert_action)
 from .run import (STOP_SIGNALS, Distributed, EpisodeMetrics, FatalError, GracefulStop, PhaseTimer, UsageError,
                   check_checkpoint, check_checkpoint_flags, check_finite, check_flags, check_resume, check_track,
                   check_writable, first_line, full_episodes, init_distributed, load_checkpoint, load_optimizer_state,
@@ -27,8 +27,8 @@ from .run import (STOP_SIGNALS, Distributed, EpisodeMetrics, FatalError, Gracefu
 
 __all__ = ["NO_CUDA_VULKAN", "CpuVectorEnv", "NativeVectorEnv", "available_cores", "check_env_id", "check_reward_mode",
            "cuda_renders", "make_env", "resolve_sim_backend", "SCALE_SCHEDULES", "CriticWarmup",
-           "ExpertResidualWrapper", "ResidualSchedule", "adaptive_scale", "check_fusion", "check_scale_mode",
-           "compose_action", "consult", "expert_confidence", "experts_policy_obs", "flat_state", "image_policy_obs",
+           "ExpertResidualWrapper", "ResidualSchedule", "check_fusion", "check_scale_mode",
+           "compose_action", "experts_policy_obs", "flat_state", "image_policy_obs",
            "observe_experts", "with_expert_action", "STOP_SIGNALS", "Distributed", "EpisodeMetrics", "FatalError",
            "GracefulStop", "PhaseTimer", "UsageError", "check_checkpoint", "check_checkpoint_flags", "check_finite",
            "check_flags", "check_resume", "check_track", "check_writable", "first_line", "full_episodes",
