@@ -519,7 +519,8 @@ def main():
         run.update(final=run["success_once"][-1], max=max(run["success_once"]), min=min(run["success_once"]),
                    first_step_at_0_9=reached[0] if reached else None, lowest_after_0_9=min(after) if after else None)
         print(f"{run['config']:<{width}}{run['seed']:>5}{run['final']:>8.2f}{run['max']:>7.2f}{run['min']:>7.2f}"
-              f"{str(run['first_step_at_0_9']):>14}{str(run['lowest_after_0_9']):>14}"
+              f"{'-' if run['first_step_at_0_9'] is None else run['first_step_at_0_9']:>14}"
+              f"{'-' if run['lowest_after_0_9'] is None else '%.3f' % run['lowest_after_0_9']:>14}"
               f"{run.get('running_seconds', run['seconds']) / 60:>9.1f}"
               f"{'-' if final is None else '%.3f on %d ep' % (final['success_once'], final['episodes']):>24}")
     by_config = {c: [r for r in runs if r["config"] == c] for c in task["configs"]}
