@@ -37,10 +37,11 @@ train: setup
 		$(PY) ppo.py $(TRAIN_ARGS) $(TRAIN_CPU_ARGS) $(CPU_VIDEO); \
 	fi
 
-# Tests run in TEST_WORKERS processes (pytest-xdist): a test mostly drives one simulator process at a time, so
-# one test at a time leaves a core of a 2-core CI machine idle. TEST_WORKERS=0 runs them one at a time. The
-# slowest ten are listed at the end, for keeping the suite within its 15 minutes.
-TEST_WORKERS ?= 2
+# Tests run in TEST_WORKERS processes (pytest-xdist): a test mostly drives one simulator process at a time and
+# waits on it, so even two at a time leave a 2-core CI machine partly idle; a third fills much of that.
+# TEST_WORKERS=0 runs them one at a time. The slowest ten are listed at the end, for keeping the suite within
+# its 15 minutes.
+TEST_WORKERS ?= 3
 
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=10 tests

@@ -15,7 +15,7 @@ TINY = ["--sim-backend", "cpu", "--num-envs", "2", "--num-eval-envs", "1", "--nu
         "--num-minibatches", "2", "--total-timesteps", "32", "--eval-freq", "1", "--eval-reconfiguration-freq", "0"]
 
 
-# the session-scoped training runs below; under pytest-xdist (`make test` runs two workers) each one's users share a
+# the session-scoped training runs below; under pytest-xdist (`make test` runs three workers) each one's users share a
 # worker, so that no run is trained twice. The marks must be in place before xdist's own hook reads them.
 SHARED_RUNS = ("trained", "ik_run")
 
