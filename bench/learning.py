@@ -93,7 +93,7 @@ TASKS = {
                      ik_long_horizon_low_lr_half_scale=f"--expert-type ik --residual-scale 0.1 {RESIDUAL_TECHNIQUES} "
                                                        f"{LONG_HORIZON} --learning-rate 1e-4")),
 }
-# the configurations held to the (c) target
+# the configurations held to the good expert's target (never more than 0.05 below the expert alone)
 GOOD_EXPERT_CONFIGS = ("ik", "ik_sparse", "ik_long_horizon", "ik_long_horizon_low_lr",
                        "ik_long_horizon_low_lr_half_scale")
 LABELS = dict(zero="PPO (zero expert)", weak_ik="residual PPO, imperfect IK", ik="residual PPO, IK",

@@ -5,7 +5,7 @@ Data path: backend -> ExpertResidualWrapper -> training script.
 - ``util.backends``: the batched ManiSkill envs the scripts train on (``make_env``): ManiSkill's own
   vectorization, or CPU worker processes with the same interface.
 - ``util.residual``: the residual idea: the policy's observation, the executed action, the residual scale
-  schedule and ``ExpertResidualWrapper``.
+  schedule (constant, scheduled or adaptive), ``ExpertResidualWrapper`` and the critic's warm-up.
 - ``util.run``: run plumbing: errors, flag checks, signals, torchrun, checkpoints, random streams, timing,
   videos.
 

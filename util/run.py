@@ -601,7 +601,7 @@ class RunOutput:
             self.dir = os.path.dirname(os.path.abspath(args.checkpoint))
         else:
             self.dir = os.path.join(args.output_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
-        # a GPU simulation without NVIDIA's Vulkan driver trains unrendered (util.render_backend said so)
+        # a GPU simulation without NVIDIA's Vulkan driver trains unrendered (util.backends.render_backend said so)
         self.video_dir = os.path.join(self.dir, "videos") if args.capture_video and can_render else None
         self.writer = None
         if not writes:
